@@ -30,7 +30,7 @@ from vlmkit.models.adapters import ModelAdapter, load_adapter
 from vlmkit.models.build import build_vlm
 from vlmkit.train.callbacks import MetricsRecorder, ProgressBar
 from vlmkit.train.collate import BadSampleLog, Collator, SampleDataset
-from vlmkit.train.trainer import CheckpointWriteError, VlmkitTrainer, describe_os_error
+from vlmkit.train.trainer import CheckpointWriteError, VlmkitTrainer, describe_os_error, fsdp_units
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ def train_stage(
     stage_dir: Path,
     bad_samples: BadSampleLog,
     resume: bool | None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Train one stage; returns its summary and, when FSDP sharded the model, its full weights."""
     trainable = apply_freeze(adapter, stage)
     if trainer_is_main():
         (stage_dir / "trainable.json").write_text(json.dumps(trainable, indent=2))
@@ -183,9 +184,22 @@ def train_stage(
         "resumed_from": checkpoint,
         "skipped_nonfinite_steps": trainer.skipped_steps,
     }
+    if trainer.is_fsdp_enabled and trainer.accelerator.is_fsdp2:
+        summary["fsdp_units"] = fsdp_units(trainer.model)
+        logger.info("stage %s: FSDP units %s", stage.name, summary["fsdp_units"])
     if trainer.is_world_process_zero():
         recorder.write(stage_dir, summary)
-    return summary
+    return summary, full_weights(trainer)
+
+
+def full_weights(trainer: VlmkitTrainer) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights when FSDP left them sharded across processes, else None.
+
+    A collective (every process must call it): the main process gets the tensors, on the CPU.
+    """
+    if not trainer.is_fsdp_enabled:
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model)
 
 
 def train(config: RunConfig, *, resume: bool | None = None, command: str | None = None) -> TrainResult:
@@ -208,6 +222,7 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
     adapter = build_model(config, first_train)
     bad_samples = BadSampleLog(run_dir / "bad_samples.jsonl")
     result = TrainResult(run_dir=run_dir, model_dir=run_dir / "model")
+    sharded = False  # whether FSDP trained the last stage (its weights were gathered and written)
     for index, stage in enumerate(stages):
         stage_dir = run_dir if len(stages) == 1 else run_dir / f"{index + 1}-{stage.name}"
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -218,13 +233,20 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
             result.stages.append(json.loads((stage_dir / "metrics.json").read_text()))
             continue
         samples = first_train if index == 0 else load_samples(stage.data.train)
-        result.stages.append(train_stage(adapter, config, stage, samples, stage_dir, bad_samples, resume))
-        if len(stages) > 1 and process.is_main_process:
-            adapter.save(finished)
+        summary, weights = train_stage(adapter, config, stage, samples, stage_dir, bad_samples, resume)
+        result.stages.append(summary)
+        sharded = weights is not None
+        if (len(stages) > 1 or sharded) and process.is_main_process:
+            adapter.save(finished, state_dict=weights)
+        del weights
         process.wait_for_everyone()
+        if sharded and (process.is_main_process or index + 1 < len(stages)):
+            # FSDP left the model sharded: go on (next stage, evaluation) from the whole copy
+            adapter = load_adapter(finished, **_reload_kwargs(config))
     if not process.is_main_process:
         return result
-    adapter.save(result.model_dir)
+    if len(stages) > 1 or not sharded:  # else the one stage's model is written already
+        adapter.save(result.model_dir)
     result.bad_samples = bad_samples.count()
     if result.bad_samples:
         logger.warning("%d bad samples were skipped; see %s", result.bad_samples, bad_samples.path)

@@ -5,6 +5,7 @@
 - A non-finite loss or gradient norm stops the run (or skips the step) naming the step and the
   batch's sample ids.
 - Batches can group questions about one image (ImageChunkSampler).
+- FSDP also runs on CPU processes (gloo), where accelerate would otherwise fall back to DDP.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import logging
 import math
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import Trainer
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from vlmkit.errors import VlmkitError
+from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.train.collate import SampleDataset
 from vlmkit.train.sampling import ImageChunkSampler
 
@@ -59,6 +63,23 @@ class VlmkitTrainer(Trainer):
         self.on_nonfinite = on_nonfinite
         self.skipped_steps: list[int] = []
         self._batch_ids: list[str] = []
+
+    # -- FSDP on the CPU -----------------------------------------------------------------------
+    def create_accelerator_and_postprocess(self) -> None:
+        """Let `fsdp` mean FSDP on CPU processes too.
+
+        accelerate selects `DistributedType.FSDP` only for accelerator backends and on CPU
+        processes silently drops the plugin, so the run would be DDP. torch's FSDP2 (`fully_shard`)
+        runs on a CPU mesh over gloo, so on CPU the state is set to FSDP with the same plugin, as
+        accelerate does on GPUs; everything after (wrapping, sharded steps, checkpoints) is theirs.
+        """
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.MULTI_CPU and fsdp_requested(self.args):
+            promote_to_fsdp(state, FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {})))
+            self.is_fsdp_enabled = True
+        if self.is_fsdp_enabled:
+            check_fsdp_loading(state.fsdp_plugin, self.model)
 
     # -- data ---------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
@@ -132,6 +153,50 @@ class VlmkitTrainer(Trainer):
                 use_mtime=False,
             )
         self.accelerator.wait_for_everyone()
+
+
+def fsdp_requested(args: TrainingArguments) -> bool:
+    """FSDP asked for by `training.fsdp` or by `accelerate launch` with an FSDP config."""
+    return args.fsdp_plugin_args is not None or parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def promote_to_fsdp(state: AcceleratorState, plugin: FullyShardedDataParallelPlugin) -> None:
+    """What `AcceleratorState` does for FSDP on GPUs, for CPU processes."""
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState().distributed_type = DistributedType.FSDP
+
+
+def persistent_buffers(model: torch.nn.Module) -> list[str]:
+    """Names of the buffers saved in the state dict (e.g. BatchNorm running statistics)."""
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return [name for name in model.state_dict() if name not in parameters]
+
+
+def check_fsdp_loading(plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module) -> None:
+    """FSDP2's rank-0 loading (`cpu_ram_efficient_loading`) in accelerate <= 1.15 handles only
+    parameters: a persistent buffer fails deep inside with "'Tensor' object has no attribute
+    'device_mesh'" (huggingface/accelerate#3898). Say so before training starts."""
+    if plugin.fsdp_version != 2 or not plugin.cpu_ram_efficient_loading:
+        return
+    buffers = persistent_buffers(model)
+    if buffers:
+        raise ConfigError(
+            f"FSDP2 with fsdp_cpu_ram_efficient_loading cannot load this model's buffers ({buffers[0]}, "
+            f"{len(buffers)} in all; accelerate issue #3898): set fsdp_cpu_ram_efficient_loading: false"
+        )
+
+
+def fsdp_units(model: torch.nn.Module) -> dict[str, int]:
+    """How many modules of each class FSDP2 made a unit (what the wrap policy chose; with the root)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    def wrapped_class(module: torch.nn.Module) -> str:  # fully_shard swaps in a class FSDP<original>
+        return next(c.__name__ for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+    return dict(Counter(wrapped_class(m) for m in model.modules() if isinstance(m, FSDPModule)))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -43,8 +43,12 @@ class ModelAdapter(ABC):
         """Load model, tokenizer and processor from a folder (or hub id, when online)."""
 
     @abstractmethod
-    def save(self, out_dir: str | Path) -> None:
-        """Write a folder that `load` (and transformers, for HF families) reads back."""
+    def save(self, out_dir: str | Path, *, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a folder that `load` (and transformers, for HF families) reads back.
+
+        `state_dict` replaces the model's own weights (as in `save_pretrained`): the full weights
+        gathered from a model whose parameters are sharded across processes (FSDP).
+        """
 
     @abstractmethod
     def encode(self, samples: Sequence[Sample], *, train: bool = True) -> Batch:

@@ -132,7 +132,7 @@ class HFVisionAdapter(ModelAdapter):
             **options,
         )
 
-    def save(self, out_dir: str | Path) -> None:
+    def save(self, out_dir: str | Path, *, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Full model folder, or for a LoRA-wrapped model the adapter weights + a base pointer.
 
         Either way the tokenizer, image processor and chat template are written beside it, so the
@@ -140,7 +140,7 @@ class HFVisionAdapter(ModelAdapter):
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
+        self.model.save_pretrained(out, state_dict=state_dict)
         if is_peft_model(self.model):
             base = self.model.peft_config["default"].base_model_name_or_path
             pointer = {"base_model": base, "model_type": self.model.get_base_model().config.model_type}

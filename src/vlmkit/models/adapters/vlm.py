@@ -62,8 +62,8 @@ class VLMAdapter(ModelAdapter):
             model.to(device)
         return cls(model, tokenizer, image_processor, **kwargs)
 
-    def save(self, out_dir: str | Path) -> None:
-        self.model.save_pretrained(out_dir)
+    def save(self, out_dir: str | Path, *, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        self.model.save_pretrained(out_dir, state_dict=state_dict)
         self.tokenizer.save_pretrained(out_dir)
         self.image_processor.save_pretrained(out_dir)
 

@@ -1,0 +1,101 @@
+"""FSDP2 (full shard) on CPU processes over gloo, launched with the shipped configs/accelerate/fsdp.yaml."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_spec
+from test_faults import config
+from vlmkit.config import parse_config
+from vlmkit.errors import ConfigError
+from vlmkit.models.adapters import load_adapter
+from vlmkit.models.build import build_vlm
+from vlmkit.train.runner import train
+from vlmkit.train.trainer import check_fsdp_loading
+
+FSDP_LAUNCH = Path(__file__).resolve().parents[1] / "src" / "vlmkit" / "configs" / "accelerate" / "fsdp.yaml"
+# A transformer tower like seed 000's (DINOv2): its layers are FSDP units, and it has no BatchNorm buffers.
+TINY_DINOV2 = {
+    "model_type": "dinov2",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "patch_size": 8,
+}
+
+
+def dinov2_config(tmp_path: Path, name: str, **training) -> dict:
+    raw = config(tmp_path, name, **training)
+    raw["model"]["init"]["vision"] = {"config": TINY_DINOV2}
+    return raw
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_equals_one_process_with_accumulation(tmp_path):
+    """3 FSDP2 steps on 2 CPU processes == 1 process with gradient accumulation 2; model/ is whole."""
+    common = {"max_steps": 3, "per_device_train_batch_size": 4, "dataloader_drop_last": True}
+    single = train(
+        parse_config(
+            dinov2_config(tmp_path, "single", gradient_accumulation_steps=2, save_strategy="no", **common)
+        )
+    )
+    run = tmp_path / "fsdp"
+    (tmp_path / "fsdp.yaml").write_text(
+        yaml.safe_dump(dinov2_config(tmp_path, "fsdp", save_steps=2, **common))
+    )
+    # The shipped launch file as it is, but for 2 CPU processes in float32 (bf16 would not match float32).
+    launch = {**yaml.safe_load(FSDP_LAUNCH.read_text()), "num_processes": 2, "mixed_precision": "no"}
+    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(launch))
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "launch.yaml")),
+        *("--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())),
+        *("-m", "vlmkit", "train", str(tmp_path / "fsdp.yaml")),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # It was FSDP, not a silent fallback to DDP: sharded checkpoints, and the units vlmkit's
+    # `_no_split_modules` names (DINOv2 layers + embeddings, Qwen2 decoder layers) were wrapped.
+    assert len(list((run / "checkpoint-2" / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+    units = json.loads((run / "metrics.json").read_text())["fsdp_units"]
+    assert {"Dinov2Layer": 2, "Dinov2Embeddings": 1, "Qwen2DecoderLayer": 2}.items() <= units.items()
+
+    # model/ holds the full (gathered) weights, equal to the 1-process run's.
+    sharded = load_file(run / "model" / "model.safetensors")
+    expected = load_file(single.run_dir / "model" / "model.safetensors")
+    assert sharded.keys() == expected.keys() and len(expected) > 20
+    for name, tensor in expected.items():
+        assert sharded[name].shape == tensor.shape, name
+        assert torch.allclose(sharded[name], tensor, atol=1e-5), name
+    # and loads in one process
+    adapter = load_adapter(run / "model")
+    assert adapter.model.num_parameters() == sum(t.numel() for t in expected.values())
+
+
+def test_fsdp2_rank0_loading_with_buffers_is_a_clear_error():
+    """accelerate's FSDP2 rank-0 loading cannot place buffers (BatchNorm statistics of a ResNet tower)."""
+    plugin = SimpleNamespace(fsdp_version=2, cpu_ram_efficient_loading=True)
+    resnet = build_vlm(tiny_spec(), ["a question"]).model
+    with pytest.raises(ConfigError, match=r"running_mean.*fsdp_cpu_ram_efficient_loading: false"):
+        check_fsdp_loading(plugin, resnet)
+    check_fsdp_loading(SimpleNamespace(fsdp_version=2, cpu_ram_efficient_loading=False), resnet)
+    check_fsdp_loading(plugin, build_vlm(tiny_spec(vision={"config": TINY_DINOV2}), ["a question"]).model)
