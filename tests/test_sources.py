@@ -84,3 +84,18 @@ def test_each_source_has_eval_defaults():
     assert eval_defaults("docvqa")["metric"] == "anls"
     assert eval_defaults("chartqa")["metric"] == "relaxed_accuracy"
     assert eval_defaults("easyvqa") == {"metric": "exact_match", "prompt_suffix": "", "max_new_tokens": 3}
+
+
+def test_where_keeps_only_matching_metadata():
+    spec = {"source": "easyvqa", "split": "test", "where": {"question_type": ["shape", "color"]}}
+    kept = load_samples(spec)
+    everything = load_samples("easyvqa:test")
+    expected = [s.id for s in everything if s.meta["question_type"] in ("shape", "color")]
+    assert [s.id for s in kept] == expected
+    assert 0 < len(kept) < len(everything)
+    assert {s.meta["question_type"] for s in kept} == {"shape", "color"}
+
+
+def test_where_matching_nothing_names_the_values_present():
+    with pytest.raises(DataError, match="no sample of easyvqa:test matches.*'shape'"):
+        load_samples({"source": "easyvqa", "split": "test", "where": {"question_type": ["colour"]}})

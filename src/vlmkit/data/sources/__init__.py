@@ -55,6 +55,9 @@ class DataSpec(BaseModel):
     count: int | None = Field(default=None, ge=1)  # N drawn at random with `seed`
     fraction: float | None = Field(default=None, gt=0, le=1)
     seed: int = 0
+    # Keep only samples whose `meta[key]` is one of the listed values, e.g. a curriculum stage
+    # on `{question_type: [shape, color]}`; applied before fraction/count/limit.
+    where: dict[str, list[Any]] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -96,6 +99,8 @@ def load_samples(spec: DataSpec | str | dict[str, Any]) -> list[Sample]:
     if spec.path is not None:
         kwargs["path"] = spec.path
     samples = _SOURCES[spec.source](split=spec.split, **kwargs)
+    if spec.where:
+        samples = _matching(samples, spec)
     if spec.fraction is not None:
         keep = max(1, round(len(samples) * spec.fraction))
         samples = _seeded_subset(samples, keep, spec.seed)
@@ -106,6 +111,14 @@ def load_samples(spec: DataSpec | str | dict[str, Any]) -> list[Sample]:
     if not samples:
         raise DataError(f"data source {spec} is empty; check its path and split")
     return samples
+
+
+def _matching(samples: list[Sample], spec: DataSpec) -> list[Sample]:
+    kept = [s for s in samples if all(s.meta.get(key) in values for key, values in spec.where.items())]
+    if samples and not kept:
+        seen = {key: sorted({str(s.meta.get(key)) for s in samples[:10_000]}) for key in spec.where}
+        raise DataError(f"no sample of {spec} matches where={spec.where}; values present: {seen}")
+    return kept
 
 
 def _seeded_subset(samples: list[Sample], count: int, seed: int) -> list[Sample]:
