@@ -30,6 +30,7 @@ from vlmkit.models.adapters import ModelAdapter, load_adapter
 from vlmkit.models.build import build_vlm
 from vlmkit.train.callbacks import MetricsRecorder, ProgressBar
 from vlmkit.train.collate import BadSampleLog, Collator, SampleDataset
+from vlmkit.train.levers import apply_speed
 from vlmkit.train.trainer import CheckpointWriteError, VlmkitTrainer, describe_os_error
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def train_stage(
     resume: bool | None,
 ) -> dict[str, Any]:
     trainable = apply_freeze(adapter, stage)
+    apply_speed(adapter, config.model.speed)
     if trainer_is_main():
         (stage_dir / "trainable.json").write_text(json.dumps(trainable, indent=2))
     defaults = dict(TRAINING_DEFAULTS)
