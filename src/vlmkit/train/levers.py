@@ -7,6 +7,7 @@ Applying is idempotent, so each stage (and a reloaded stage model) can apply it 
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -50,6 +51,7 @@ def install_labelled_loss(model: nn.Module, fused: bool = False) -> None:
         else None
     )
 
+    @functools.wraps(family_forward)  # generate() and Trainer read the family's signature
     def forward(
         input_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
