@@ -108,7 +108,7 @@ def reference_optimizer(built: Built, dev: torch.device) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=fused, foreach=None if fused else True)
 
 
-def make_trainer(built: Built, dev: torch.device, batch_size: int, workdir: str) -> Any:
+def make_trainer(built: Built, dev: torch.device, batch_size: int, workdir: str, optim: str | None) -> Any:
     from transformers import TrainingArguments
 
     from vlmkit.train.trainer import VlmkitTrainer
@@ -118,7 +118,7 @@ def make_trainer(built: Built, dev: torch.device, batch_size: int, workdir: str)
         per_device_train_batch_size=batch_size,
         learning_rate=1e-6,
         weight_decay=0.0,
-        optim="adamw_torch_fused" if dev.type == "cuda" else "adamw_torch",
+        optim=optim or ("adamw_torch_fused" if dev.type == "cuda" else "adamw_torch"),
         lr_scheduler_type="constant",
         report_to="none",
         use_cpu=dev.type == "cpu",
@@ -133,11 +133,15 @@ def make_trainer(built: Built, dev: torch.device, batch_size: int, workdir: str)
 class Runner:
     """The two training steps over one case, each with its own optimiser (created on demand)."""
 
-    def __init__(self, built: Built, dev: torch.device, batch: dict[str, Any], workdir: str, compile_: bool):
+    def __init__(self, built: Built, dev: torch.device, batch: dict[str, Any], workdir: str, args: Any):
         self.built, self.dev, self.batch = built, dev, batch
         self.ref_batch = {k: v for k, v in batch.items() if k != "image_keys"}
-        self.trainer = make_trainer(built, dev, built.batch_size, workdir)
-        self.vlmkit_model = torch.compile(built.vlmkit_model) if compile_ else built.vlmkit_model
+        self.trainer = make_trainer(built, dev, built.batch_size, workdir, args.optim)
+        if args.gradient_checkpointing:  # shared modules: only with --vlmkit-only
+            built.vlmkit_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self.vlmkit_model = torch.compile(built.vlmkit_model) if args.compile else built.vlmkit_model
         self.ref_opt: torch.optim.Optimizer | None = None
         # As Trainer's loop computes it (get_batch_samples): the labelled tokens of the step.
         self.num_items = (batch["labels"][:, 1:] != -100).sum()
@@ -222,32 +226,40 @@ def run_case(name: str, args: argparse.Namespace, dev: torch.device, dtype: torc
         "params_trainable": sum(p.numel() for p in built.ref_model.parameters() if p.requires_grad),
         "vlmkit_levers": {
             "model.speed": built.speed.model_dump(),
-            "training": {"optim": "adamw_torch_fused" if dev.type == "cuda" else "adamw_torch"},
-            "torch_compile": args.compile,
+            "training": {
+                "optim": args.optim or ("adamw_torch_fused" if dev.type == "cuda" else "adamw_torch"),
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "torch_compile": args.compile,
+            },
         },
         "notes": built.notes,
     }
     with tempfile.TemporaryDirectory() as workdir:
-        runner = Runner(built, dev, batch, workdir, args.compile)
-        ref_loss, our_loss = runner.losses()
-        tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
-        diff = abs(ref_loss - our_loss)
-        record["loss_check"] = {
-            "reference": round(ref_loss, 6),
-            "vlmkit": round(our_loss, 6),
-            "abs_diff": diff,
-            "rel_diff": diff / max(abs(ref_loss), 1e-12),
-            "rel_tolerance": tolerance,
-            "match": bool(math.isfinite(ref_loss) and diff <= tolerance * abs(ref_loss)),
-        }
+        runner = Runner(built, dev, batch, workdir, args)
+        steps = {"reference": runner.ref_step, "vlmkit": runner.vlmkit_step}
+        if args.vlmkit_only:
+            del steps["reference"]
+            record["loss_check"] = None
+        else:
+            ref_loss, our_loss = runner.losses()
+            tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+            diff = abs(ref_loss - our_loss)
+            record["loss_check"] = {
+                "reference": round(ref_loss, 6),
+                "vlmkit": round(our_loss, 6),
+                "abs_diff": diff,
+                "rel_diff": diff / max(abs(ref_loss), 1e-12),
+                "rel_tolerance": tolerance,
+                "match": bool(math.isfinite(ref_loss) and diff <= tolerance * abs(ref_loss)),
+            }
         memory = {}
-        for label, step in (("reference", runner.ref_step), ("vlmkit", runner.vlmkit_step)):
+        for label, step in steps.items():
             memory[label] = measure_memory(dev, step, args.memory_steps)
             runner.drop_optimizers()
-        times: dict[str, list[float]] = {"reference": [], "vlmkit": []}
-        losses: dict[str, list[float]] = {"reference": [], "vlmkit": []}
+        times: dict[str, list[float]] = {label: [] for label in steps}
+        losses: dict[str, list[float]] = {label: [] for label in steps}
         for i in range(args.warmup + args.steps):
-            for label, step in (("reference", runner.ref_step), ("vlmkit", runner.vlmkit_step)):
+            for label, step in steps.items():
                 seconds, loss = timed(dev, step)
                 losses[label].append(loss)
                 if i >= args.warmup:
@@ -255,7 +267,7 @@ def run_case(name: str, args: argparse.Namespace, dev: torch.device, dtype: torc
         cache = getattr(built.vlmkit_model, "vision_feature_cache", None)
         if cache is not None:
             record["feature_cache"] = {"images": len(cache), "hits": cache.hits, "misses": cache.misses}
-    for label in ("reference", "vlmkit"):
+    for label in times:
         med = statistics.median(times[label])
         record[label] = {
             "step_s": round(med, 5),
@@ -268,11 +280,12 @@ def run_case(name: str, args: argparse.Namespace, dev: torch.device, dtype: torc
             "losses_finite": all(math.isfinite(x) for x in losses[label]),
             **memory[label],
         }
-    ours, ref = record["vlmkit"], record["reference"]
-    record["ratio"] = {"samples_s": round(ours["samples_s"] / ref["samples_s"], 3)}
-    for key in ("peak_gib", "peak_rss_growth_mib"):
-        if ref.get(key):
-            record["ratio"][key] = round(ours[key] / ref[key], 3)
+    if "reference" in record:
+        ours, ref = record["vlmkit"], record["reference"]
+        record["ratio"] = {"samples_s": round(ours["samples_s"] / ref["samples_s"], 3)}
+        for key in ("peak_gib", "peak_rss_growth_mib"):
+            if ref.get(key):
+                record["ratio"][key] = round(ours[key] / ref[key], 3)
     if built.cleanup:
         built.cleanup()
     del runner, built, batch
@@ -289,6 +302,13 @@ def main() -> None:
     ap.add_argument("--memory-steps", type=int, default=2)
     ap.add_argument("--batch", type=int, default=None, help="override the case's batch size")
     ap.add_argument("--fused-ce", action="store_true", help="model.speed.fused_cross_entropy (liger)")
+    ap.add_argument("--optim", default=None, help="vlmkit's training.optim (e.g. adamw_bnb_8bit)")
+    ap.add_argument("--vlmkit-only", action="store_true", help="no reference (batch sweeps for MFU)")
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="training.gradient_checkpointing (needs --vlmkit-only)",
+    )
     ap.add_argument(
         "--compile", action="store_true", help="torch.compile vlmkit's model (training.torch_compile)"
     )
@@ -300,6 +320,8 @@ def main() -> None:
         "--out", default=None, help="JSON path (default benchmarks/results/train_speed[_tiny].json)"
     )
     args = ap.parse_args()
+    if args.gradient_checkpointing and not args.vlmkit_only:
+        ap.error("--gradient-checkpointing changes modules the reference shares: add --vlmkit-only")
     dev = torch.device(args.device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", 0)
@@ -346,7 +368,7 @@ def main() -> None:
         record["wall_s"] = round(time.perf_counter() - t0, 1)
         payload["results"].append(record)
         summary = {k: record.get(k) for k in ("case", "variant", "ratio", "error")}
-        if "loss_check" in record:
+        if record.get("loss_check"):
             summary["loss_match"] = record["loss_check"]["match"]
         print(summary, flush=True)
     out = args.out or os.path.join(RESULTS, "train_speed_tiny.json" if args.tiny else "train_speed.json")
