@@ -32,13 +32,18 @@ def liger_available() -> bool:
 
 
 def fused_usable(hidden: torch.Tensor, head: nn.Module) -> bool:
-    """The fused kernel runs on CUDA tensors with a plain (unquantised, unadapted) linear head."""
-    return (
-        hidden.is_cuda
-        and type(head) is nn.Linear
-        and head.weight.dtype.is_floating_point
-        and liger_available()
-    )
+    """The fused kernel runs on CUDA tensors with a plain (unquantised, unadapted) linear head whose
+    whole weight is on this device: not a ZeRO-3 partition (shape (0,)) or an FSDP2 DTensor shard,
+    since the kernel reads `head.weight` without calling the module's gathering hooks."""
+    if not (hidden.is_cuda and type(head) is nn.Linear and head.weight.dtype.is_floating_point):
+        return False
+    if tuple(head.weight.shape) != (head.out_features, head.in_features):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()  # type: ignore[assignment]
+    return not isinstance(head.weight, DTensor) and liger_available()
 
 
 def softcapped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
