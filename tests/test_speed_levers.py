@@ -188,6 +188,16 @@ def test_feature_cache_refuses_a_batchnorm_tower(easyvqa_samples):
         apply_speed(adapter, SpeedSpec(vision_feature_cache=True))
 
 
+def test_feature_cache_refuses_a_tower_with_dropout(easyvqa_samples):
+    from vlmkit.models.build import build_vlm
+
+    texts = [m["content"] for s in easyvqa_samples for m in s.messages]
+    vision = {"config": {**TINY_DINOV2, "attention_probs_dropout_prob": 0.1}}
+    adapter = build_vlm(tiny_spec(vision=vision), texts)
+    with pytest.raises(ConfigError, match="dropout"):
+        apply_speed(adapter, SpeedSpec(vision_feature_cache=True))
+
+
 def test_feature_cache_is_for_vlmkit_models_only(family_dirs):
     adapter = load_adapter(family_dirs("paligemma"))
     with pytest.raises(ConfigError, match="vlmkit's own VLM"):

@@ -19,9 +19,26 @@ from torch import nn
 
 from vlmkit.errors import ConfigError
 
+#: config fields through which towers apply dropout functionally (no nn.Dropout module to find).
+DROPOUT_FIELDS = (
+    "attention_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "dropout",
+    "drop_path_rate",
+)
+
 
 def check_cacheable(tower: nn.Module) -> None:
     """Raise ConfigError if the tower's train-mode output is not a function of the image alone."""
+    config = getattr(tower, "config", None)
+    for key in DROPOUT_FIELDS:
+        value = getattr(config, key, None)
+        if isinstance(value, (int, float)) and value > 0:
+            raise ConfigError(
+                f"model.speed.vision_feature_cache: the vision tower's config has {key}={value}; "
+                "set it to 0 or turn the cache off"
+            )
     for name, module in tower.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise ConfigError(
