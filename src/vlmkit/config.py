@@ -76,6 +76,35 @@ class QuantizationSpec(Strict):
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
+class SpeedSpec(Strict):
+    """Speed/memory levers vlmkit owns (docs/performance.md); Trainer's own are `training:` keys."""
+
+    # transformers families: vocabulary logits only where a label is (vlmkit's own VLM always does this).
+    labelled_loss: bool = True
+    # liger-kernel fused linear cross-entropy for that loss; used on CUDA when liger-kernel imports.
+    fused_cross_entropy: bool = False
+    # Keep a frozen vision tower's outputs per image so later epochs skip the tower (vlmkit VLM).
+    vision_feature_cache: bool = False
+    vision_feature_cache_gib: float = Field(default=8.0, gt=0)
+    vision_feature_cache_device: Literal["model", "cpu"] = "model"
+    # Generation: a static (pre-allocated) KV cache, and torch.compile of the decoding step on top.
+    generation_cache: Literal["dynamic", "static"] = "dynamic"
+    compile_generation: bool = False
+
+    @model_validator(mode="after")
+    def _compatible(self) -> SpeedSpec:
+        if self.compile_generation and self.generation_cache != "static":
+            raise ValueError("compile_generation needs generation_cache: static (a fixed-shape KV cache)")
+        if self.fused_cross_entropy:
+            from vlmkit.models.loss import liger_available
+
+            if not liger_available():
+                raise ValueError(
+                    "fused_cross_entropy needs liger-kernel (pip install 'vlmkit[speed]'); set it to false"
+                )
+        return self
+
+
 class ModelSection(Strict):
     """Compose a new VLM (`init`) or start from a saved / pretrained model (`pretrained`)."""
 
@@ -88,6 +117,7 @@ class ModelSection(Strict):
     quantization: QuantizationSpec | None = None
     # Family-specific adapter settings (e.g. Qwen2-VL min_pixels / max_pixels, PaliGemma prompt prefix).
     adapter_options: dict[str, Any] = Field(default_factory=dict)
+    speed: SpeedSpec = Field(default_factory=SpeedSpec)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:

@@ -9,10 +9,10 @@ prompt or padding positions (Gemma's vocabulary is 256k).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
@@ -20,6 +20,8 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from vlmkit.models.feature_cache import VisionFeatureCache
+from vlmkit.models.loss import labelled_loss, softcapped
 from vlmkit.models.projectors import PROJECTORS
 from vlmkit.models.vision import build_vision_tower, feature_dim, select_features
 
@@ -71,6 +73,10 @@ class VisionLanguageModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    #: liger-kernel fused linear cross-entropy for the loss (model.speed.fused_cross_entropy).
+    fused_cross_entropy: bool = False
+    #: per-image tower outputs for a frozen tower (model.speed.vision_feature_cache); not saved.
+    vision_feature_cache: VisionFeatureCache | None = None
 
     def __init__(
         self,
@@ -126,11 +132,15 @@ class VisionLanguageModel(PreTrainedModel):
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_image_tokens, text hidden size)."""
         pixel_values = pixel_values.to(self.vision_tower.dtype)
-        features = select_features(
+        tower = functools.partial(
+            select_features,
             self.vision_tower,
-            pixel_values,
             layer=self.config.vision_feature_layer,
             select=self.config.vision_feature_select,
+        )
+        cache = self.vision_feature_cache
+        features = (
+            tower(pixel_values) if cache is None else cache.features(pixel_values, self.vision_tower, tower)
         )
         return self.projector(features.to(self.projector_dtype))
 
@@ -207,22 +217,20 @@ class VisionLanguageModel(PreTrainedModel):
             use_cache=False,
             **kwargs,
         ).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = self.logits(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
-        if isinstance(denominator, torch.Tensor):
-            denominator = denominator.to(loss.device)
-        return CausalLMOutputWithPast(loss=loss / denominator, logits=None)
+        loss = labelled_loss(
+            hidden,
+            labels,
+            self.get_output_embeddings(),
+            softcap=getattr(self.config.text_config, "final_logit_softcapping", None),
+            num_items_in_batch=num_items_in_batch,
+            fused=self.fused_cross_entropy,
+        )
+        return CausalLMOutputWithPast(loss=loss, logits=None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits for selected hidden states, with the LM's final soft-capping (Gemma 2)."""
-        logits = self.get_output_embeddings()(hidden)
         cap = getattr(self.config.text_config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return softcapped(self.get_output_embeddings()(hidden), cap)
 
     # -- generation ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -30,6 +30,7 @@ from vlmkit.models.adapters import ModelAdapter, load_adapter
 from vlmkit.models.build import build_vlm
 from vlmkit.train.callbacks import MetricsRecorder, ProgressBar
 from vlmkit.train.collate import BadSampleLog, Collator, SampleDataset
+from vlmkit.train.levers import apply_speed
 from vlmkit.train.trainer import CheckpointWriteError, VlmkitTrainer, describe_os_error, fsdp_units
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,10 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "save_strategy": "steps",
     "save_steps": 500,
     "save_total_limit": 2,
-    "dataloader_num_workers": 0,
+    # On a GPU machine, encode batches in 2 worker processes that live across epochs (so their pixel
+    # caches survive), overlapping the training step; see docs/performance.md.
+    "dataloader_num_workers": 2 if torch.cuda.is_available() else 0,
+    "dataloader_persistent_workers": torch.cuda.is_available(),
     "dataloader_pin_memory": torch.cuda.is_available(),
     "disable_tqdm": True,
 }
@@ -117,7 +121,11 @@ def trainer_is_main() -> bool:
 
 
 def _reload_kwargs(config: RunConfig) -> dict[str, Any]:
-    return {"max_length": config.model.max_length, "image_cache_size": config.model.image_cache_size}
+    return {
+        "max_length": config.model.max_length,
+        "image_cache_size": config.model.image_cache_size,
+        **config.model.adapter_options,
+    }
 
 
 def apply_freeze(adapter: ModelAdapter, stage: Stage) -> dict[str, Any]:
@@ -144,6 +152,7 @@ def train_stage(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Train one stage; returns its summary and, when FSDP sharded the model, its full weights."""
     trainable = apply_freeze(adapter, stage)
+    apply_speed(adapter, config.model.speed)
     if trainer_is_main():
         (stage_dir / "trainable.json").write_text(json.dumps(trainable, indent=2))
     defaults = dict(TRAINING_DEFAULTS)

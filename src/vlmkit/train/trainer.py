@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -91,7 +92,10 @@ class VlmkitTrainer(Trainer):
     # -- guards -------------------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         self._batch_ids = list(inputs.pop("sample_ids", []) or [])
-        result = super().compute_loss(model, inputs, *args, **kwargs)
+        image_keys = inputs.pop("image_keys", None)
+        cache = getattr(self.accelerator.unwrap_model(model), "vision_feature_cache", None)
+        with cache.batch_keys(image_keys) if cache is not None else contextlib.nullcontext():
+            result = super().compute_loss(model, inputs, *args, **kwargs)
         loss = result[0] if isinstance(result, tuple) else result
         if not torch.isfinite(loss.detach()).all():
             self._nonfinite("loss", float(loss.detach().float().mean()))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +35,8 @@ class ModelAdapter(ABC):
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    #: extra GenerationConfig fields (model.speed: static KV cache, compiled decoding).
+    generation_settings: Mapping[str, Any] = MappingProxyType({})
 
     @classmethod
     @abstractmethod
@@ -89,6 +92,7 @@ class ModelAdapter(ABC):
             top_k=None,
             eos_token_id=self.stop_token_ids(),
             pad_token_id=self.tokenizer.pad_token_id,
+            **self.generation_settings,
         )
         self.model.eval()
         output = self.model.generate(**batch, generation_config=config, streamer=streamer)

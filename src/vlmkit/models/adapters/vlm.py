@@ -25,6 +25,8 @@ class VLMAdapter(ModelAdapter):
 
     model_types = ("vlmkit_vlm",)
     generate_returns_prompt = False
+    #: add `image_keys` to training batches (set by model.speed.vision_feature_cache).
+    emit_image_keys = False
 
     def __init__(
         self,
@@ -135,11 +137,19 @@ class VLMAdapter(ModelAdapter):
             "labels": labels,
             "pixel_values": self.pixel_values(sample),
             "image_key": image_key(sample.image) or f"object:{id(sample.image)}",
+            "stable_key": image_key(sample.image),
         }
 
     def encode(self, samples: Sequence[Sample], *, train: bool = True) -> Batch:
         rows = [self.encode_one(sample, train) for sample in samples]
-        return collate_rows(rows, self.tokenizer.pad_token_id, left_pad=not train)
+        batch = collate_rows(rows, self.tokenizer.pad_token_id, left_pad=not train)
+        if train and self.emit_image_keys and "pixel_values" in batch:
+            # One key per pixel_values row (collate_rows keeps first-seen order), for the feature cache.
+            # Decoded images without a path or lazy key get None: they are never cached (an object id
+            # can be reused by another image later).
+            keys = {row["image_key"]: row["stable_key"] for row in rows if row["pixel_values"] is not None}
+            batch["image_keys"] = list(keys.values())  # type: ignore[assignment]
+        return batch
 
 
 def collate_rows(rows: list[dict[str, Any]], pad_id: int, left_pad: bool) -> Batch:
