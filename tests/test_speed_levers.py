@@ -179,23 +179,33 @@ def test_feature_cache_skips_the_frozen_tower_and_keeps_the_loss(dinov2_vlm, eas
     assert tower_rows[-1] == 3 and len(cache) == 0
 
 
-def test_feature_cache_refuses_a_batchnorm_tower(easyvqa_samples):
+def test_a_frozen_batchnorm_tower_runs_in_eval_mode_so_its_cached_features_are_exact(
+    easyvqa_samples, tmp_path
+):
     from vlmkit.models.build import build_vlm
 
     texts = [m["content"] for s in easyvqa_samples for m in s.messages]
     adapter = build_vlm(tiny_spec(), texts)  # ResNet tower: BatchNorm
-    with pytest.raises(ConfigError, match="BatchNorm"):
-        apply_speed(adapter, SpeedSpec(vision_feature_cache=True))
-
-
-def test_feature_cache_refuses_a_tower_with_dropout(easyvqa_samples):
-    from vlmkit.models.build import build_vlm
-
-    texts = [m["content"] for s in easyvqa_samples for m in s.messages]
-    vision = {"config": {**TINY_DINOV2, "attention_probs_dropout_prob": 0.1}}
-    adapter = build_vlm(tiny_spec(vision=vision), texts)
-    with pytest.raises(ConfigError, match="dropout"):
-        apply_speed(adapter, SpeedSpec(vision_feature_cache=True))
+    model = adapter.model
+    model.set_trainable(vision=False)
+    model.train()
+    assert not model.vision_tower.training and model.language_model.training
+    stats = {k: v.clone() for k, v in model.vision_tower.state_dict().items() if "running" in k}
+    trainer = _trainer(model, tmp_path)
+    samples = _samples(easyvqa_samples)
+    plain = trainer.compute_loss(model, dict(adapter.encode(samples, train=True)))
+    apply_speed(adapter, SpeedSpec(vision_feature_cache=True))
+    batch = adapter.encode(samples, train=True)
+    trainer.compute_loss(model, dict(batch))
+    cached = trainer.compute_loss(model, dict(batch))
+    assert model.vision_feature_cache.hits == 3
+    torch.testing.assert_close(cached, plain, rtol=0, atol=1e-6)
+    for key, value in model.vision_tower.state_dict().items():
+        if key in stats:
+            assert torch.equal(value, stats[key]), key  # frozen BatchNorm statistics do not drift
+    model.set_trainable(vision=True)
+    model.train()
+    assert model.vision_tower.training
 
 
 def test_feature_cache_is_for_vlmkit_models_only(family_dirs):

@@ -76,7 +76,8 @@ def test_llava_json_errors_name_the_record(tmp_path, change, message):
 
 
 def test_two_stages_freeze_what_they_say_and_chain(tmp_path):
-    data = llava_records(tmp_path, [{**GOOD, "id": f"c{i}"} for i in range(8)])
+    zebra = {**GOOD, "conversations": [GOOD["conversations"][0], {"from": "gpt", "value": "zebra"}]}
+    data = llava_records(tmp_path, [{**GOOD, "id": f"c{i}"} for i in range(7)] + [{**zebra, "id": "z"}])
     raw = {
         "output_dir": str(tmp_path / "run"),
         "model": {
@@ -117,6 +118,10 @@ def test_two_stages_freeze_what_they_say_and_chain(tmp_path):
     lm_key = next(k for k in stage1 if k.startswith("language_model.") and k.endswith("q_proj.weight"))
     vision_key = next(k for k in stage1 if k.startswith("vision_tower.") and k.endswith("convolution.weight"))
     assert torch.equal(stage1[vision_key], final[vision_key])  # frozen in stage 2, carried from stage 1
+    stats_key = next(k for k in stage1 if k.startswith("vision_tower.") and k.endswith("running_mean"))
+    assert torch.equal(stage1[stats_key], final[stats_key])  # a frozen tower runs in eval mode
+    tokenizer = load_adapter(run / "model").tokenizer
+    assert tokenizer.convert_tokens_to_ids("zebra") != tokenizer.unk_token_id  # stage 2's words too
     assert not torch.equal(stage1[lm_key], final[lm_key])  # trained in stage 2
     metrics = json.loads((run / "metrics.json").read_text())
     assert [s["stage"] for s in metrics["stages"]] == ["align", "instruct"]

@@ -3,9 +3,9 @@
 The cache holds the projector's input (the tower's selected features) keyed by the image key the
 collator gives each `pixel_values` row. It is consulted only while every tower parameter is
 frozen and the current batch's keys are known (`batch_keys`); otherwise the tower runs as usual,
-so turning it on can never change what a trainable tower learns. A tower whose output depends on
-the batch or on chance in train mode (BatchNorm statistics, dropout) is refused: a cached row
-would not equal a recomputed one.
+so turning it on can never change what a trainable tower learns. A frozen tower runs in eval
+mode (`VisionLanguageModel.train`), so BatchNorm statistics and dropout cannot make a cached
+row differ from a recomputed one.
 """
 
 from __future__ import annotations
@@ -16,42 +16,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-
-from vlmkit.errors import ConfigError
-
-#: config fields through which towers apply dropout functionally (no nn.Dropout module to find).
-DROPOUT_FIELDS = (
-    "attention_dropout",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "dropout",
-    "drop_path_rate",
-)
-
-
-def check_cacheable(tower: nn.Module) -> None:
-    """Raise ConfigError if the tower's train-mode output is not a function of the image alone."""
-    config = getattr(tower, "config", None)
-    for key in DROPOUT_FIELDS:
-        value = getattr(config, key, None)
-        if isinstance(value, (int, float)) and value > 0:
-            raise ConfigError(
-                f"model.speed.vision_feature_cache: the vision tower's config has {key}={value}; "
-                "set it to 0 or turn the cache off"
-            )
-    for name, module in tower.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise ConfigError(
-                f"model.speed.vision_feature_cache: the vision tower has BatchNorm ({name}), whose train-mode "
-                "output depends on the batch; turn the cache off for this tower"
-            )
-        drop = getattr(module, "p", None) if isinstance(module, nn.Dropout) else None
-        drop = drop if drop is not None else getattr(module, "drop_prob", None)
-        if drop:
-            raise ConfigError(
-                f"model.speed.vision_feature_cache: the vision tower has dropout ({name}, p={drop}); "
-                "set its dropout to 0 or turn the cache off"
-            )
 
 
 class VisionFeatureCache:

@@ -256,6 +256,17 @@ class VisionLanguageModel(PreTrainedModel):
         for name, train in (("vision", vision), ("projector", projector), ("lm", lm)):
             self.parts()[name].requires_grad_(train)
 
+    def train(self, mode: bool = True) -> VisionLanguageModel:
+        """A part with no trainable parameter stays in eval mode: a frozen tower's BatchNorm keeps
+        its statistics and its dropout stays off, so its output is a function of the image alone
+        (and `model.speed.vision_feature_cache` may keep it)."""
+        super().train(mode)
+        if mode:
+            for part in self.parts().values():
+                if not any(p.requires_grad for p in part.parameters()):
+                    part.eval()
+        return self
+
 
 def register_auto_classes() -> None:
     """Make `AutoConfig`/`AutoModel` resolve `vlmkit_vlm` folders (idempotent)."""

@@ -17,7 +17,7 @@ from torch import nn
 from vlmkit.config import SpeedSpec
 from vlmkit.errors import ConfigError
 from vlmkit.models.adapters.base import ModelAdapter
-from vlmkit.models.feature_cache import VisionFeatureCache, check_cacheable
+from vlmkit.models.feature_cache import VisionFeatureCache
 from vlmkit.models.loss import labelled_loss
 from vlmkit.models.vlm import VisionLanguageModel
 
@@ -97,7 +97,6 @@ def generation_settings(spec: SpeedSpec) -> dict[str, Any]:
 
 
 def attach_feature_cache(model: VisionLanguageModel, spec: SpeedSpec) -> VisionFeatureCache:
-    check_cacheable(model.vision_tower)
     device = "cpu" if spec.vision_feature_cache_device == "cpu" else None
     existing = model.vision_feature_cache
     if existing is not None:

@@ -93,7 +93,8 @@ def training_texts(samples: list[Sample]) -> list[str]:
     return [message["content"] for sample in samples for message in sample.messages]
 
 
-def build_model(config: RunConfig, first_train: list[Sample] | None) -> ModelAdapter:
+def build_model(config: RunConfig, train_sets: list[list[Sample]] | None) -> ModelAdapter:
+    """The model to train; a from-scratch tokenizer learns from every stage's training text."""
     section = config.model
     adapter_kwargs: dict[str, Any] = {
         "max_length": section.max_length,
@@ -101,7 +102,8 @@ def build_model(config: RunConfig, first_train: list[Sample] | None) -> ModelAda
         **section.adapter_options,
     }
     if section.init is not None:
-        adapter = build_vlm(section.init, training_texts(first_train or []), **adapter_kwargs)
+        texts = [text for samples in train_sets or [] for text in training_texts(samples)]
+        adapter = build_vlm(section.init, texts, **adapter_kwargs)
     else:
         dtype = DTYPES[section.dtype] if section.dtype else None
         if section.quantization is not None:
@@ -223,12 +225,14 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
         (run_dir / "run.json").write_text(json.dumps(run_metadata(config, command), indent=2))
     set_seed(config.seed)
     stages = config.resolved_stages()
-    first_train = load_samples(stages[0].data.train) if stages[0].data and stages[0].data.train else None
-    if first_train is None:
+    missing = [stage.name for stage in stages if not (stage.data and stage.data.train)]
+    if missing:
         from vlmkit.errors import ConfigError
 
-        raise ConfigError("no training data: set data.train (e.g. easyvqa:train)")
-    adapter = build_model(config, first_train)
+        where = f" (stage {missing[0]})" if len(stages) > 1 else ""
+        raise ConfigError(f"no training data{where}: set data.train (e.g. easyvqa:train)")
+    train_sets = [load_samples(stage.data.train) for stage in stages]  # type: ignore[union-attr]
+    adapter = build_model(config, train_sets if config.model.init is not None else None)
     bad_samples = BadSampleLog(run_dir / "bad_samples.jsonl")
     result = TrainResult(run_dir=run_dir, model_dir=run_dir / "model")
     sharded = False  # whether FSDP trained the last stage (its weights were gathered and written)
@@ -241,7 +245,7 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
             adapter = load_adapter(finished, **_reload_kwargs(config))
             result.stages.append(json.loads((stage_dir / "metrics.json").read_text()))
             continue
-        samples = first_train if index == 0 else load_samples(stage.data.train)
+        samples = train_sets[index]
         summary, weights = train_stage(adapter, config, stage, samples, stage_dir, bad_samples, resume)
         result.stages.append(summary)
         sharded = weights is not None

@@ -35,13 +35,20 @@ class VLMAdapter(ModelAdapter):
         image_processor: BaseImageProcessor,
         max_length: int | None = None,
         image_cache_size: int = 0,
+        token_cache: bool = False,
     ) -> None:
+        """`token_cache` keeps each sample's token ids and labels after its first encoding: a
+        multi-epoch run over short samples otherwise spends a good part of each step rendering chat
+        templates. Keyed by the conversation's text, so a changed sample is encoded afresh."""
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.max_length = max_length
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = image_cache_size
+        self._tokens: dict[tuple[Any, ...], tuple[list[int], list[int] | None]] | None = (
+            {} if token_cache else None
+        )
         self._stops = end_of_turn_ids(tokenizer)
 
     @classmethod
@@ -114,9 +121,14 @@ class VLMAdapter(ModelAdapter):
             labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
         return ids, labels
 
-    def encode_one(self, sample: Sample, train: bool) -> dict[str, Any]:
-        if train and not any(m["role"] == "assistant" for m in sample.messages):
-            raise SampleError(sample.id, "has no assistant turn to learn from")
+    def tokens(self, sample: Sample, train: bool) -> tuple[list[int], list[int] | None]:
+        """Token ids and labels with the image placeholder expanded (from the cache when on)."""
+        key = None
+        if self._tokens is not None:
+            key = (train, sample.image is None, *(m["role"] + "\0" + m["content"] for m in sample.messages))
+            if key in self._tokens:
+                ids, labels = self._tokens[key]
+                return list(ids), None if labels is None else list(labels)
         try:
             encoded = encode_chat(self.tokenizer, self._messages(sample, train), train=train)
         except ValueError as exc:
@@ -124,6 +136,15 @@ class VLMAdapter(ModelAdapter):
         ids, labels = self._expand_image(
             encoded.input_ids, encoded.labels, sample.id, sample.image is not None
         )
+        if key is not None:
+            self._tokens[key] = (ids, labels)  # type: ignore[index]
+            return list(ids), None if labels is None else list(labels)
+        return ids, labels
+
+    def encode_one(self, sample: Sample, train: bool) -> dict[str, Any]:
+        if train and not any(m["role"] == "assistant" for m in sample.messages):
+            raise SampleError(sample.id, "has no assistant turn to learn from")
+        ids, labels = self.tokens(sample, train)
         if self.max_length is not None and len(ids) > self.max_length:
             raise SampleError(
                 sample.id,
