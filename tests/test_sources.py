@@ -97,5 +97,5 @@ def test_where_keeps_only_matching_metadata():
 
 
 def test_where_matching_nothing_names_the_values_present():
-    with pytest.raises(DataError, match="no sample of easyvqa:test matches.*'shape'"):
+    with pytest.raises(DataError, match=r"no sample of easyvqa:test matches.*'shape'"):
         load_samples({"source": "easyvqa", "split": "test", "where": {"question_type": ["colour"]}})
