@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -89,6 +90,17 @@ def test_two_process_fsdp_equals_one_process_with_accumulation(tmp_path):
     # and loads in one process
     adapter = load_adapter(run / "model")
     assert adapter.model.num_parameters() == sum(t.numel() for t in expected.values())
+
+    # Run again without the final checkpoint: it resumes from the sharded checkpoint-2 (model,
+    # optimiser, scheduler, RNG, data position) and redoes step 3, ending with the same weights.
+    shutil.rmtree(run / "checkpoint-3")
+    (run / "model" / "model.safetensors").unlink()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["resumed_from"].endswith("checkpoint-2")
+    resumed = load_file(run / "model" / "model.safetensors")
+    for name, tensor in sharded.items():
+        assert torch.allclose(resumed[name], tensor, atol=1e-6), name
 
 
 def test_fsdp2_rank0_loading_with_buffers_is_a_clear_error():

@@ -136,3 +136,18 @@ def test_pretrained_parts_keep_their_weights(tmp_path):
     for name, tensor in adapter.model.vision_tower.state_dict().items():
         assert torch.equal(tensor, tower[name]), name
     assert len(adapter.tokenizer) == len(AutoTokenizer.from_pretrained(lm_dir))
+
+
+def test_every_trainable_parameter_gets_a_gradient_with_a_dinov2_tower(easyvqa_samples):
+    """DINOv2's masked-image-modelling token is unused by a VLM: it stays frozen (else DDP asks
+    for find_unused_parameters and an FSDP checkpoint lacks its optimizer state)."""
+    dinov2 = {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    dinov2 |= {"intermediate_size": 64, "patch_size": 8}
+    texts = [m["content"] for s in easyvqa_samples for m in s.messages]
+    adapter = build_vlm(tiny_spec(vision={"config": dinov2}), texts)
+    model = adapter.model
+    model.set_trainable(vision=True)
+    model(**adapter.encode(easyvqa_samples[:4], train=True)).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert not model.vision_tower.embeddings.mask_token.requires_grad

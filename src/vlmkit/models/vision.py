@@ -28,11 +28,14 @@ class Backbone:
 
     layout: Literal["sequence", "feature_map"]
     has_cls: bool
+    # Parameters a VLM's forward never uses (masked-image-modelling tokens): kept frozen, since a
+    # "trainable" parameter that never gets a gradient trips DDP and FSDP resume.
+    unused: tuple[str, ...] = ()
 
 
 BACKBONES: dict[str, Backbone] = {
-    "dinov2": Backbone("sequence", has_cls=True),
-    "vit": Backbone("sequence", has_cls=True),
+    "dinov2": Backbone("sequence", has_cls=True, unused=("embeddings.mask_token",)),
+    "vit": Backbone("sequence", has_cls=True, unused=("embeddings.mask_token",)),
     "clip_vision_model": Backbone("sequence", has_cls=True),
     "siglip_vision_model": Backbone("sequence", has_cls=False),
     "resnet": Backbone("feature_map", has_cls=True),
@@ -90,6 +93,14 @@ def select_features(
     if select == "patch" and backbone.has_cls:
         return hidden[:, 1:]
     return hidden
+
+
+def freeze_unused(tower: nn.Module) -> None:
+    for name in BACKBONES[tower.config.model_type].unused:
+        owner, _, attr = name.rpartition(".")
+        parameter = getattr(tower.get_submodule(owner), attr, None)
+        if isinstance(parameter, nn.Parameter):
+            parameter.requires_grad_(False)
 
 
 def feature_dim(tower: nn.Module) -> int:

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from vlmkit.models.feature_cache import VisionFeatureCache
 from vlmkit.models.loss import labelled_loss, softcapped
 from vlmkit.models.projectors import PROJECTORS
-from vlmkit.models.vision import build_vision_tower, feature_dim, select_features
+from vlmkit.models.vision import build_vision_tower, feature_dim, freeze_unused, select_features
 
 IGNORE_INDEX = -100
 
@@ -107,6 +107,7 @@ class VisionLanguageModel(PreTrainedModel):
             self._tied_weights_keys = {
                 f"language_model.{k}": f"language_model.{v}" for k, v in lm_tied.items()
             }
+        freeze_unused(self.vision_tower)
         self._no_split_modules = sorted(
             set(getattr(self.vision_tower, "_no_split_modules", None) or [])
             | set(getattr(self.language_model, "_no_split_modules", None) or [])
@@ -255,6 +256,7 @@ class VisionLanguageModel(PreTrainedModel):
     def set_trainable(self, vision: bool = True, projector: bool = True, lm: bool = True) -> None:
         for name, train in (("vision", vision), ("projector", projector), ("lm", lm)):
             self.parts()[name].requires_grad_(train)
+        freeze_unused(self.vision_tower)
 
     def train(self, mode: bool = True) -> VisionLanguageModel:
         """A part with no trainable parameter stays in eval mode: a frozen tower's BatchNorm keeps
