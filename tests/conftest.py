@@ -26,6 +26,16 @@ TINY_LM = {
     "intermediate_size": 64,
 }
 
+# A transformer tower like seed 000's (DINOv2): no BatchNorm, an unused mask_token.
+TINY_DINOV2 = {
+    "model_type": "dinov2",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "patch_size": 8,
+}
+
 
 def tiny_spec(**overrides):
     from vlmkit.models.build import VLMSpec

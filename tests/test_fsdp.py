@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_spec
+from conftest import TINY_DINOV2, tiny_spec
 from test_faults import config
 from vlmkit.config import parse_config
 from vlmkit.errors import ConfigError
@@ -26,15 +26,6 @@ from vlmkit.train.runner import train
 from vlmkit.train.trainer import check_fsdp_loading
 
 FSDP_LAUNCH = Path(__file__).resolve().parents[1] / "src" / "vlmkit" / "configs" / "accelerate" / "fsdp.yaml"
-# A transformer tower like seed 000's (DINOv2): its layers are FSDP units, and it has no BatchNorm buffers.
-TINY_DINOV2 = {
-    "model_type": "dinov2",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "patch_size": 8,
-}
 
 
 def dinov2_config(tmp_path: Path, name: str, **training) -> dict:

@@ -3,19 +3,12 @@
 import pytest
 import torch
 
-from conftest import tiny_spec
+from conftest import TINY_DINOV2, tiny_spec
 from vlmkit.data.sample import Sample
 from vlmkit.models.build import build_vlm
 from vlmkit.models.chat_encoding import IGNORE_INDEX
 
-DINO = {
-    "model_type": "dinov2",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "patch_size": 8,
-}
+DINO = TINY_DINOV2
 SIGLIP = {**DINO, "model_type": "siglip_vision_model"}
 TEXTS = ["what color is the shape ?", "red", "blue", "is it round ?", "yes", "no", "and now ?"]
 

@@ -1,6 +1,6 @@
 import torch
 
-from conftest import TINY_LM, tiny_spec
+from conftest import TINY_DINOV2, TINY_LM, tiny_spec
 from vlmkit.models.adapters import load_adapter
 from vlmkit.models.build import build_vlm
 from vlmkit.models.chat_encoding import IGNORE_INDEX
@@ -141,10 +141,8 @@ def test_pretrained_parts_keep_their_weights(tmp_path):
 def test_every_trainable_parameter_gets_a_gradient_with_a_dinov2_tower(easyvqa_samples):
     """DINOv2's masked-image-modelling token is unused by a VLM: it stays frozen (else DDP asks
     for find_unused_parameters and an FSDP checkpoint lacks its optimizer state)."""
-    dinov2 = {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-    dinov2 |= {"intermediate_size": 64, "patch_size": 8}
     texts = [m["content"] for s in easyvqa_samples for m in s.messages]
-    adapter = build_vlm(tiny_spec(vision={"config": dinov2}), texts)
+    adapter = build_vlm(tiny_spec(vision={"config": TINY_DINOV2}), texts)
     model = adapter.model
     model.set_trainable(vision=True)
     model(**adapter.encode(easyvqa_samples[:4], train=True)).loss.backward()

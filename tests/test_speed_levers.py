@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from conftest import tiny_spec
+from conftest import TINY_DINOV2, tiny_spec
 from vlmkit.config import SpeedSpec, parse_config
 from vlmkit.errors import ConfigError
 from vlmkit.models.adapters import load_adapter
@@ -16,15 +16,6 @@ from vlmkit.models.loss import labelled_loss
 from vlmkit.train.levers import apply_speed
 
 pytest_plugins = ["tiny_families"]
-
-TINY_DINOV2 = {
-    "model_type": "dinov2",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "patch_size": 8,
-}
 
 
 def _samples(easyvqa_samples, n=4):
