@@ -25,7 +25,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed_cases import BUILDERS, environment, free, to_device, write_json
+from speed_cases import (
+    BUILDERS,
+    add_device_arguments,
+    device_and_dtype,
+    environment,
+    free,
+    quiet_offline_transformers,
+    to_device,
+    write_json,
+)
 
 from vlmkit.config import SpeedSpec
 from vlmkit.models.vlm import VisionLanguageModel
@@ -149,27 +158,10 @@ def main() -> None:
         "--cache", choices=["static", "dynamic"], default="static", help="model.speed.generation_cache"
     )
     ap.add_argument("--no-compile", action="store_true", help="model.speed.compile_generation off")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument(
-        "--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on CUDA, fp32 on CPU"
-    )
-    ap.add_argument(
-        "--out", default=None, help="JSON path (default benchmarks/results/gen_speed[_tiny].json)"
-    )
+    add_device_arguments(ap, "gen_speed")
     args = ap.parse_args()
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", 0)
-    dtype = (
-        getattr(torch, args.dtype)
-        if args.dtype
-        else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    dev, dtype = device_and_dtype(args)
+    quiet_offline_transformers()
     torch.manual_seed(0)
     payload: dict[str, Any] = {
         **environment(dev),

@@ -545,6 +545,38 @@ BUILDERS: dict[str, Callable[..., Built]] = {
 
 
 # ----------------------------------------------------------------------------------------- reporting
+def add_device_arguments(ap: Any, results_name: str) -> None:
+    """--device, --dtype and --out, shared by the speed benchmarks."""
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
+    ap.add_argument(
+        "--out", default=None, help=f"JSON path (default benchmarks/results/{results_name}[_tiny].json)"
+    )
+
+
+def device_and_dtype(args: Any) -> tuple[torch.device, torch.dtype]:
+    """The device (cuda means cuda:0) and dtype (bf16 on CUDA, fp32 elsewhere unless --dtype)."""
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", 0)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    )
+    return dev, dtype
+
+
+def quiet_offline_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def to_device(batch: dict[str, Any], dev: torch.device) -> dict[str, Any]:
     return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
 

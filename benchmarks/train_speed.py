@@ -40,8 +40,11 @@ from speed_cases import (
     FLOP_FORMULA,
     PEAK_FLOPS,
     Built,
+    add_device_arguments,
+    device_and_dtype,
     environment,
     free,
+    quiet_offline_transformers,
     to_device,
     write_json,
 )
@@ -312,31 +315,14 @@ def main() -> None:
     ap.add_argument(
         "--compile", action="store_true", help="torch.compile vlmkit's model (training.torch_compile)"
     )
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument(
-        "--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on CUDA, fp32 on CPU"
-    )
-    ap.add_argument(
-        "--out", default=None, help="JSON path (default benchmarks/results/train_speed[_tiny].json)"
-    )
+    add_device_arguments(ap, "train_speed")
     args = ap.parse_args()
     if args.gradient_checkpointing and not args.vlmkit_only:
         ap.error("--gradient-checkpointing changes modules the reference shares: add --vlmkit-only")
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", 0)
-    dtype = (
-        getattr(torch, args.dtype)
-        if args.dtype
-        else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    )
+    dev, dtype = device_and_dtype(args)
     if dev.type == "cpu":
         pin_mmap_threshold()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_offline_transformers()
     torch.manual_seed(0)
     payload: dict[str, Any] = {
         **environment(dev),
