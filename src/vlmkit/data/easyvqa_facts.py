@@ -9,16 +9,11 @@ zero-shot tasks leave such images out and say how many.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
-from vlmkit.data.sources.easyvqa import COLORS, SHAPES, easyvqa_root
-from vlmkit.errors import DataError
-
-_NEGATIONS = ("not", "no")
+from vlmkit.data.sources.easyvqa import COLORS, NEGATIONS, SHAPES, easyvqa_split
 
 
 @dataclass(frozen=True)
@@ -46,24 +41,18 @@ def _resolve(present: set[str], absent: set[str], vocabulary: tuple[str, ...]) -
 @cache
 def image_facts(split: str = "train", path: str | None = None) -> tuple[ImageFacts, ...]:
     """Shape and colour of every image of `split`, in image-id order."""
-    if split not in ("train", "test"):
-        raise DataError(f"easyvqa has splits 'train' and 'test', not {split!r}")
-    root = Path(path) if path else easyvqa_root()
-    questions_file = root / split / "questions.json"
-    if not questions_file.is_file():
-        raise DataError(f"easyvqa questions not found at {questions_file}; reinstall easy-vqa")
+    records, images = easyvqa_split(split, path)
     present: dict[int, set[str]] = defaultdict(set)
     absent: dict[int, set[str]] = defaultdict(set)
-    for question, answer, image_id in json.loads(questions_file.read_text()):
+    for question, answer, image_id in records:
         words = question.rstrip("?").split()
         named = _mentioned(words, SHAPES + COLORS)
         if answer in ("yes", "no"):
-            negated = any(word in _NEGATIONS for word in words)
+            negated = any(word in NEGATIONS for word in words)
             is_there = (answer == "yes") != negated
             (present if is_there else absent)[image_id].update(named)
         else:  # "what is the blue shape?" -> "rectangle": both words describe the image
             present[image_id].update(named | {answer})
-    images = root / split / "images"
     return tuple(
         ImageFacts(
             image_id=image_id,

@@ -96,11 +96,7 @@ def training_texts(samples: list[Sample]) -> list[str]:
 def build_model(config: RunConfig, train_sets: list[list[Sample]] | None) -> ModelAdapter:
     """The model to train; a from-scratch tokenizer learns from every stage's training text."""
     section = config.model
-    adapter_kwargs: dict[str, Any] = {
-        "max_length": section.max_length,
-        "image_cache_size": section.image_cache_size,
-        **section.adapter_options,
-    }
+    adapter_kwargs = _adapter_kwargs(config)
     if section.init is not None:
         texts = [text for samples in train_sets or [] for text in training_texts(samples)]
         adapter = build_vlm(section.init, texts, **adapter_kwargs)
@@ -122,7 +118,8 @@ def trainer_is_main() -> bool:
     return PartialState().is_main_process
 
 
-def _reload_kwargs(config: RunConfig) -> dict[str, Any]:
+def _adapter_kwargs(config: RunConfig) -> dict[str, Any]:
+    """What the adapter is built with, and rebuilt with when a stage's saved model is reloaded."""
     return {
         "max_length": config.model.max_length,
         "image_cache_size": config.model.image_cache_size,
@@ -242,7 +239,7 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
         finished = stage_dir / "model"
         if len(stages) > 1 and resume is not False and (finished / "config.json").exists():
             logger.info("stage %s already finished; continuing from %s", stage.name, finished)
-            adapter = load_adapter(finished, **_reload_kwargs(config))
+            adapter = load_adapter(finished, **_adapter_kwargs(config))
             result.stages.append(json.loads((stage_dir / "metrics.json").read_text()))
             continue
         samples = train_sets[index]
@@ -255,7 +252,7 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
         process.wait_for_everyone()
         if sharded and (process.is_main_process or index + 1 < len(stages)):
             # FSDP left the model sharded: go on (next stage, evaluation) from the whole copy
-            adapter = load_adapter(finished, **_reload_kwargs(config))
+            adapter = load_adapter(finished, **_adapter_kwargs(config))
     if not process.is_main_process:
         return result
     if len(stages) > 1 or not sharded:  # else the one stage's model is written already

@@ -11,6 +11,7 @@ from vlmkit.errors import DataError
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("red", "green", "blue", "black", "gray", "yellow", "teal", "brown")
+NEGATIONS = ("not", "no")  # words that turn a yes/no question around
 
 
 def easyvqa_root() -> Path:
@@ -24,21 +25,25 @@ def easyvqa_root() -> Path:
 def question_type(question: str, answer: str) -> str:
     """Which fact a question probes: shape, color, or a yes/no check (negated or not)."""
     if answer in ("yes", "no"):
-        negated = any(f" {word} " in f" {question} " for word in ("not", "no"))
+        negated = any(f" {word} " in f" {question} " for word in NEGATIONS)
         return "yes/no (negated)" if negated else "yes/no"
     return "shape" if answer in SHAPES else "color"
 
 
-@register_source("easyvqa", default_metric="exact_match", max_new_tokens=3)
-def load_easyvqa(split: str = "train", path: str | None = None) -> list[Sample]:
+def easyvqa_split(split: str, path: str | None = None) -> tuple[list[tuple[str, str, int]], Path]:
+    """The split's (question, answer, image id) records and its images folder."""
     if split not in ("train", "test"):
         raise DataError(f"easyvqa has splits 'train' and 'test', not {split!r}")
     root = Path(path) if path else easyvqa_root()
     questions_file = root / split / "questions.json"
     if not questions_file.is_file():
         raise DataError(f"easyvqa questions not found at {questions_file}; reinstall easy-vqa")
-    records = json.loads(questions_file.read_text())
-    images = root / split / "images"
+    return json.loads(questions_file.read_text()), root / split / "images"
+
+
+@register_source("easyvqa", default_metric="exact_match", max_new_tokens=3)
+def load_easyvqa(split: str = "train", path: str | None = None) -> list[Sample]:
+    records, images = easyvqa_split(split, path)
     return [
         Sample.vqa(
             id=f"easyvqa-{split}-{index}",

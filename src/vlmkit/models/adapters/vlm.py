@@ -123,23 +123,20 @@ class VLMAdapter(ModelAdapter):
 
     def tokens(self, sample: Sample, train: bool) -> tuple[list[int], list[int] | None]:
         """Token ids and labels with the image placeholder expanded (from the cache when on)."""
-        key = None
-        if self._tokens is not None:
-            key = (train, sample.image is None, *(m["role"] + "\0" + m["content"] for m in sample.messages))
-            if key in self._tokens:
-                ids, labels = self._tokens[key]
-                return list(ids), None if labels is None else list(labels)
+        if self._tokens is None:
+            return self._encode_tokens(sample, train)
+        key = (train, sample.image is None, *(m["role"] + "\0" + m["content"] for m in sample.messages))
+        if key not in self._tokens:
+            self._tokens[key] = self._encode_tokens(sample, train)
+        ids, labels = self._tokens[key]
+        return list(ids), None if labels is None else list(labels)  # callers may not alter the cache
+
+    def _encode_tokens(self, sample: Sample, train: bool) -> tuple[list[int], list[int] | None]:
         try:
             encoded = encode_chat(self.tokenizer, self._messages(sample, train), train=train)
         except ValueError as exc:
             raise SampleError(sample.id, str(exc)) from None
-        ids, labels = self._expand_image(
-            encoded.input_ids, encoded.labels, sample.id, sample.image is not None
-        )
-        if key is not None:
-            self._tokens[key] = (ids, labels)  # type: ignore[index]
-            return list(ids), None if labels is None else list(labels)
-        return ids, labels
+        return self._expand_image(encoded.input_ids, encoded.labels, sample.id, sample.image is not None)
 
     def encode_one(self, sample: Sample, train: bool) -> dict[str, Any]:
         if train and not any(m["role"] == "assistant" for m in sample.messages):
