@@ -12,6 +12,7 @@ import torch
 
 from tiny_models import CORPUS
 from vlmkit.config import load_config, parse_config, read_yaml
+from vlmkit.errors import ConfigError
 from vlmkit.eval.metrics import get_metric
 from vlmkit.train.runner import train
 from vqa_fixtures import write_chartqa, write_docvqa, write_vqav2_hf
@@ -35,6 +36,30 @@ def test_recipe_parses_as_shipped(name):
     config = load_config(str(recipe(name)))
     assert config.name == name.removesuffix(".yaml")
     assert config.data.train is not None and config.data.eval is not None
+
+
+def test_set_addresses_a_stage_by_name_or_index():
+    demo = str(recipe("demo.yaml"))
+    config = load_config(
+        demo, ["stages.vqa.training.num_train_epochs=2", "stages.0.training.learning_rate=5e-4"]
+    )
+    stages = {stage.name: stage for stage in config.stages}
+    assert stages["vqa"].training["num_train_epochs"] == 2
+    assert stages["shape"].training["learning_rate"] == 5e-4
+    assert stages["what"].training == load_config(demo).stages[1].training  # the others untouched
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stages.align.training.max_steps=1", "no item 'align'; name one of shape, what, vqa"),
+        ("stages.7.training.max_steps=1", "or an index below 3"),
+        ("stages.vqa=1", "name an item of the list"),
+    ],
+)
+def test_set_names_a_missing_stage(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(recipe("demo.yaml")), [override])
 
 
 def shrink(raw, tmp_path, data_path):

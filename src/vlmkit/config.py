@@ -214,20 +214,46 @@ class RunConfig(Strict):
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` overrides; values are parsed as YAML (numbers, bools, lists)."""
+    """Apply `key.sub=value` overrides; values are parsed as YAML (numbers, bools, lists).
+
+    A list of named items (the `stages`) is addressed by name or index:
+    `stages.vqa.training.num_train_epochs=3` or `stages.2.training.num_train_epochs=3`.
+    """
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r} is not key=value (e.g. --set training.max_steps=2)")
-        node = raw
+        node: Any = raw
         parts = key.split(".")
         for part in parts[:-1]:
+            if isinstance(node, list):
+                node = list_item(node, part, item)
+                continue
             child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            if not isinstance(child, dict | list):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
             node = child
+        if isinstance(node, list):
+            raise ConfigError(f"--set {item!r}: name an item of the list, then its key")
         node[parts[-1]] = read_yaml(value)
     return raw
+
+
+def list_item(items: list[Any], part: str, item: str) -> dict[str, Any]:
+    """The item of a config list that `part` names: its `name`, or its index."""
+    names = [entry.get("name") for entry in items if isinstance(entry, dict)]
+    if part.isdigit() and int(part) < len(items):
+        found = items[int(part)]
+    elif part in names:
+        found = next(e for e in items if isinstance(e, dict) and e.get("name") == part)
+    else:
+        raise ConfigError(
+            f"--set {item!r}: no item {part!r}; name one of {', '.join(map(str, names)) or '(none)'} "
+            f"or an index below {len(items)}"
+        )
+    if not isinstance(found, dict):
+        raise ConfigError(f"--set {item!r}: item {part!r} is not a section")
+    return found
 
 
 def validate(model: type[M], raw: dict[str, Any], source: str, docs: str) -> M:
