@@ -140,7 +140,9 @@ class DataSection(Strict):
     train: DataSpec | None = None
     eval: DataSpec | None = None
     on_bad_sample: Literal["skip", "fail"] = "fail"
-    # Batch questions about one image in chunks of this many, so its features are computed once.
+    # Batch questions about one image in chunks of this many, so a training tower runs once per
+    # image. It costs batch diversity; a frozen tower with model.speed.vision_feature_cache gains
+    # nothing from it (docs/recipes.md).
     questions_per_image: int | None = Field(default=None, ge=1)
 
 
