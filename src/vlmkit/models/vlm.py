@@ -202,6 +202,8 @@ class VisionLanguageModel(PreTrainedModel):
     ) -> CausalLMOutputWithPast:
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_index)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = self._custom_mask(attention_mask, inputs_embeds.dtype)
         if labels is None:
             return self.language_model(
                 inputs_embeds=inputs_embeds,
@@ -227,6 +229,20 @@ class VisionLanguageModel(PreTrainedModel):
             fused=self.fused_cross_entropy,
         )
         return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    def _custom_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A (batch, 1, q, k) boolean mask (turn isolation) in the form the LM's attention takes as-is."""
+        implementation = self.config.text_config._attn_implementation or "eager"
+        if implementation == "sdpa" or mask.dtype != torch.bool:
+            return mask
+        if implementation == "eager":
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dtype).min
+            )
+        raise ValueError(
+            f"isolated turns need a 4D attention mask, which {implementation} attention does not take; "
+            "load the model with sdpa or eager attention, or drop data.*.turns_per_image"
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits for selected hidden states, with the LM's final soft-capping (Gemma 2)."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vlmkit.data.conversations import merge_turns
 from vlmkit.data.sample import Sample
 from vlmkit.errors import DataError
 
@@ -58,6 +59,9 @@ class DataSpec(BaseModel):
     # Keep only samples whose `meta[key]` is one of the listed values, e.g. a curriculum stage
     # on `{question_type: [shape, color]}`; applied before fraction/count/limit.
     where: dict[str, list[Any]] = Field(default_factory=dict)
+    # Merge the questions about one image into conversations of up to this many turns (applied
+    # last): the image tokens are paid once per conversation (vlmkit.data.conversations).
+    turns_per_image: int | None = Field(default=None, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -108,6 +112,8 @@ def load_samples(spec: DataSpec | str | dict[str, Any]) -> list[Sample]:
         samples = _seeded_subset(samples, spec.count, spec.seed)
     if spec.limit is not None:
         samples = samples[: spec.limit]
+    if spec.turns_per_image is not None:
+        samples = merge_turns(samples, spec.turns_per_image, spec.seed)
     if not samples:
         raise DataError(f"data source {spec} is empty; check its path and split")
     return samples

@@ -10,12 +10,14 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, BaseImageProcessor, PreTrainedTokenizerBase
 
+from vlmkit.data.conversations import INDEPENDENT_TURNS
 from vlmkit.data.images import image_key, load_image
 from vlmkit.data.sample import Message, Sample
 from vlmkit.errors import ModelLoadError, SampleError
 from vlmkit.models.adapters.base import Batch, ModelAdapter
 from vlmkit.models.chat_encoding import IGNORE_INDEX, encode_chat, end_of_turn_ids
 from vlmkit.models.tokenizer import IMAGE_TOKEN
+from vlmkit.models.turn_isolation import isolation_inputs, turn_segments
 from vlmkit.models.vlm import VisionLanguageModel, register_auto_classes
 
 
@@ -150,13 +152,23 @@ class VLMAdapter(ModelAdapter):
             )
         if sample.image is None:
             return {"input_ids": ids, "labels": labels, "pixel_values": None, "image_key": None}
-        return {
+        row = {
             "input_ids": ids,
             "labels": labels,
             "pixel_values": self.pixel_values(sample),
             "image_key": image_key(sample.image) or f"object:{id(sample.image)}",
             "stable_key": image_key(sample.image),
         }
+        if train and labels is not None and sample.meta.get(INDEPENDENT_TURNS):
+            # Questions merged by data.*.turns_per_image: each turn sees the image, not the others.
+            if self.model.config.image_placement == "after_text":
+                raise SampleError(sample.id, "merged turns need the image before the text (image_placement)")
+            prefix = max(i for i, token in enumerate(ids) if token == self.model.config.image_token_id) + 1
+            try:
+                row["segments"], row["prefix_len"] = turn_segments(labels, prefix), prefix
+            except ValueError as exc:
+                raise SampleError(sample.id, str(exc)) from None
+        return row
 
     def encode(self, samples: Sequence[Sample], *, train: bool = True) -> Batch:
         rows = [self.encode_one(sample, train) for sample in samples]
@@ -197,4 +209,11 @@ def collate_rows(rows: list[dict[str, Any]], pad_id: int, left_pad: bool) -> Bat
         batch["image_index"] = torch.tensor(image_index, dtype=torch.long)
     if rows[0]["labels"] is not None:
         batch["labels"] = labels
+    if any("segments" in row for row in rows) and not left_pad:
+        batch["attention_mask"], batch["position_ids"] = isolation_inputs(
+            [row.get("segments") for row in rows],
+            [row.get("prefix_len", 0) for row in rows],
+            [len(row["input_ids"]) for row in rows],
+            width,
+        )
     return batch
