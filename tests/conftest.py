@@ -50,6 +50,35 @@ def tiny_spec(**overrides):
     return VLMSpec.model_validate(fields)
 
 
+def tiny_config(tmp_path, **changes) -> dict:
+    config = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "run"),
+        "model": {
+            "init": {
+                "vision": {"config": TINY_VISION},
+                "language_model": {"config": TINY_LM},
+                "image_size": 32,
+                "projector": "mlp",
+            }
+        },
+        "data": {"train": {"source": "easyvqa", "split": "train", "limit": 64}},
+        "training": {
+            "per_device_train_batch_size": 16,
+            "max_steps": 2,
+            "logging_steps": 1,
+            "learning_rate": 1e-3,
+        },
+    }
+    for key, value in changes.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config
+
+
 @pytest.fixture(scope="session")
 def easyvqa_samples():
     from vlmkit.data.sources import load_samples

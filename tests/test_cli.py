@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import TINY_LM, TINY_VISION
+from conftest import tiny_config
 from vlmkit import cli
 
 
@@ -22,35 +22,6 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
         code = int(exit_.code or 0)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def tiny_config(tmp_path, **changes) -> dict:
-    config = {
-        "name": "tiny",
-        "output_dir": str(tmp_path / "run"),
-        "model": {
-            "init": {
-                "vision": {"config": TINY_VISION},
-                "language_model": {"config": TINY_LM},
-                "image_size": 32,
-                "projector": "mlp",
-            }
-        },
-        "data": {"train": {"source": "easyvqa", "split": "train", "limit": 64}},
-        "training": {
-            "per_device_train_batch_size": 16,
-            "max_steps": 2,
-            "logging_steps": 1,
-            "learning_rate": 1e-3,
-        },
-    }
-    for key, value in changes.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return config
 
 
 def write_config(tmp_path, config: dict):

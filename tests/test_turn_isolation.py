@@ -95,27 +95,19 @@ def test_every_merged_answer_and_only_the_answers_carry_labels():
 
 
 def test_a_run_trains_on_merged_questions_through_trainer(tmp_path):
-    from conftest import TINY_LM, TINY_VISION
+    from conftest import tiny_config
     from vlmkit.config import parse_config
     from vlmkit.train.runner import train
 
-    raw = {
-        "output_dir": str(tmp_path / "run"),
-        "model": {
-            "init": {
-                "vision": {"config": TINY_VISION},
-                "language_model": {"config": TINY_LM},
-                "image_size": 32,
-            }
+    raw = tiny_config(
+        tmp_path,
+        **{
+            "data.train": {"source": "easyvqa", "split": "test", "limit": 48, "turns_per_image": 4},
+            "training.per_device_train_batch_size": 4,
+            "training.max_steps": 3,
+            "training.save_strategy": "no",
         },
-        "data": {"train": {"source": "easyvqa", "split": "test", "limit": 48, "turns_per_image": 4}},
-        "training": {
-            "per_device_train_batch_size": 4,
-            "max_steps": 3,
-            "save_strategy": "no",
-            "logging_steps": 1,
-        },
-    }
+    )
     result = train(parse_config(raw))
     history = json.loads((result.run_dir / "metrics.json").read_text())["history"]
     losses = [row["loss"] for row in history if "loss" in row]
