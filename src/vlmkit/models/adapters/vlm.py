@@ -163,7 +163,7 @@ class VLMAdapter(ModelAdapter):
             # Questions merged by data.*.turns_per_image: each turn sees the image, not the others.
             if self.model.config.image_placement == "after_text":
                 raise SampleError(sample.id, "merged turns need the image before the text (image_placement)")
-            prefix = max(i for i, token in enumerate(ids) if token == self.model.config.image_token_id) + 1
+            prefix = ids.index(self.model.config.image_token_id) + self.model.config.num_image_tokens
             try:
                 row["segments"], row["prefix_len"] = turn_segments(labels, prefix), prefix
             except ValueError as exc:
