@@ -31,8 +31,11 @@ from speed_cases import (
     device_and_dtype,
     environment,
     free,
+    kernel_notes,
     quiet_offline_transformers,
+    side_kernels,
     to_device,
+    use_kernel,
     write_json,
 )
 
@@ -76,6 +79,7 @@ def run_case(name: str, args: argparse.Namespace, dev: torch.device, dtype: torc
     ours_model = built.vlmkit_model if isinstance(built.vlmkit_model, VisionLanguageModel) else ref_model
     ref_model.eval()
     ours_model.eval()
+    kernels = side_kernels(ref_model, args.attention)
     settings = generation_settings(speed)
     n = args.new_tokens
     record: dict[str, Any] = {
@@ -86,7 +90,8 @@ def run_case(name: str, args: argparse.Namespace, dev: torch.device, dtype: torc
             "model.speed": {k: getattr(speed, k) for k in ("generation_cache", "compile_generation")}
         },
         "generation_settings": settings,
-        "notes": built.notes[:1],
+        "attention": kernels,
+        "notes": [*built.notes[:1], *kernel_notes(ref_model, kernels)],
     }
     for b in args.batches:
         inputs = built.make_batch(b, prompt_only=True)
@@ -119,6 +124,7 @@ def run_case(name: str, args: argparse.Namespace, dev: torch.device, dtype: torc
         with torch.inference_mode():
             for i in range(args.warmup + args.reps):
                 for label, fn in (("reference", reference), ("vlmkit", vlmkit)):
+                    use_kernel(ref_model, kernels, label)
                     sync(dev)
                     t0 = time.perf_counter()
                     tokens = fn()
@@ -158,6 +164,7 @@ def main() -> None:
         "--cache", choices=["static", "dynamic"], default="static", help="model.speed.generation_cache"
     )
     ap.add_argument("--no-compile", action="store_true", help="model.speed.compile_generation off")
+    ap.add_argument("--attention", default=None, help="vlmkit's model.speed.attention (e.g. flex_attention)")
     add_device_arguments(ap, "gen_speed")
     args = ap.parse_args()
     dev, dtype = device_and_dtype(args)

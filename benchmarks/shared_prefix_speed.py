@@ -5,10 +5,13 @@
 the image prefix and themselves only (docs/architecture.md). This times the step the demo's
 `vqa` stage runs (tower frozen, its features cached; projector + LM train with AdamW) on
 easy-VQA, both ways, rounds interleaved in one process, and reports the ratio. Cases: the
-demo's model (17 image tokens) and the same LM behind a 224 px DINOv2-shaped tower (257 tokens,
-as in seed 000), random weights (speed does not depend on them).
+demo's model (17 image tokens) and the same LM behind a 224 px DINOv2-shaped tower (257 tokens),
+random weights (speed does not depend on them); on a GPU, `seed000`: DINOv2-base + Gemma2-2B
+(257 image tokens), every part training as in seed 000's recipe (`--tiny` shrinks it for a CPU).
 Writes benchmarks/results/shared_prefix_speed.json. Usage:
   python benchmarks/shared_prefix_speed.py [--rounds 5] [--steps 20] [--turns 3,5]
+  python benchmarks/shared_prefix_speed.py --cases seed000 --questions 16 --attention flex_attention \
+      --out benchmarks/results/shared_prefix_speed_seed000.json          # H100
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed_cases import environment, write_json
+from speed_cases import (
+    add_device_arguments,
+    device_and_dtype,
+    environment,
+    seed000_configs,
+    to_device,
+    write_json,
+)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DINOV2_224 = {
@@ -37,7 +47,7 @@ DINOV2_224 = {
 }
 
 
-def build(case: str, texts: list[str]) -> Any:
+def build(case: str, texts: list[str], args: argparse.Namespace) -> Any:
     from pathlib import Path
 
     from vlmkit.cli import recipe_path
@@ -47,13 +57,23 @@ def build(case: str, texts: list[str]) -> Any:
 
     init = load_config(recipe_path(Path("demo.yaml"))).model.init
     assert init is not None
+    frozen_tower = case != "seed000"
     if case == "dinov2-224":
         init = init.model_copy(
             update={"vision": init.vision.model_copy(update={"config": DINOV2_224}), "image_size": 224}
         )
+    elif case == "seed000":
+        vision, text = seed000_configs(args.tiny)
+        parts = {
+            "vision": {"config": {**vision.to_dict(), "model_type": "dinov2"}},
+            "language_model": {"config": {**text.to_dict(), "model_type": "gemma2"}},
+        }
+        init = init.model_validate({**init.model_dump(), **parts, "image_size": vision.image_size})
     adapter = build_vlm(init, texts, token_cache=True, image_cache_size=5000)
-    adapter.model.set_trainable(vision=False, projector=True, lm=True)
-    apply_speed(adapter, SpeedSpec(vision_feature_cache=True))
+    dev, dtype = device_and_dtype(args)
+    adapter.model.to(device=dev, dtype=dtype)
+    adapter.model.set_trainable(vision=not frozen_tower, projector=True, lm=True)
+    apply_speed(adapter, SpeedSpec(vision_feature_cache=frozen_tower, attention=args.attention))
     return adapter
 
 
@@ -73,28 +93,38 @@ def timed_steps(
 ) -> tuple[float, int, int]:
     """Seconds, questions and token slots for one pass of encode + forward + backward + step."""
     questions = slots = 0
+    dev = adapter.model.device
+    synchronize = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+    synchronize()
     start = time.perf_counter()
     for rows in batches:
-        batch = adapter.encode(rows, train=True)
+        batch = to_device(adapter.encode(rows, train=True), dev)
         adapter.model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         questions += sum(len(row.messages) // 2 for row in rows)
         slots += batch["input_ids"].numel()
+    synchronize()
     return time.perf_counter() - start, questions, slots
 
 
 def run_case(case: str, samples: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     texts = [m["content"] for s in samples for m in s.messages]
-    adapter = build(case, texts)
+    adapter = build(case, texts, args)
     params = [p for p in adapter.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=adapter.model.device.type == "cuda")
+    cuda = adapter.model.device.type == "cuda"
     settings = {"one question per row": None, **{f"turns_per_image: {n}": n for n in args.turns}}
     plans = {
         name: batches(samples, args.questions, turns, 0)[: args.steps] for name, turns in settings.items()
     }
-    for plan in plans.values():  # warm the token and feature caches, and the allocator
+    peaks: dict[str, float] = {}
+    for name, plan in plans.items():  # warm the token and feature caches, and the allocator
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         timed_steps(adapter, optimizer, plan)
+        if cuda:
+            peaks[name] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     rates: dict[str, list[float]] = {name: [] for name in plans}
     info: dict[str, dict[str, Any]] = {}
     for _ in range(args.rounds):
@@ -105,11 +135,14 @@ def run_case(case: str, samples: list[Any], args: argparse.Namespace) -> dict[st
                 "rows_per_batch": len(plan[0]),
                 "questions_per_step": questions / len(plan),
                 "token_slots_per_question": slots / questions,
+                **({"peak_gib": peaks[name]} if name in peaks else {}),
             }
     base = statistics.median(rates["one question per row"])
     return {
         "case": case,
         "image_tokens": adapter.model.config.num_image_tokens,
+        "attention": adapter.model.language_model.config._attn_implementation,
+        "trainable_params": sum(p.numel() for p in params),
         "settings": {
             name: {**info[name], "questions_per_s_median": statistics.median(r), "questions_per_s": r}
             for name, r in rates.items()
@@ -124,9 +157,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--questions", type=int, default=64, help="questions per step, about")
     ap.add_argument("--turns", default="3,5", type=lambda text: [int(n) for n in text.split(",")])
-    ap.add_argument("--cases", default="demo,dinov2-224")
-    ap.add_argument("--out", default=os.path.join(RESULTS, "shared_prefix_speed.json"))
+    ap.add_argument("--cases", default="demo,dinov2-224", help="demo, dinov2-224, seed000")
+    ap.add_argument("--tiny", action="store_true", help="seed000 with tiny configs (CPU smoke test)")
+    ap.add_argument("--attention", default=None, help="model.speed.attention (e.g. flex_attention on a GPU)")
+    add_device_arguments(ap, "shared_prefix_speed")
     args = ap.parse_args()
+    args.out = args.out or os.path.join(RESULTS, "shared_prefix_speed.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     from vlmkit.data.sources import load_samples
@@ -139,7 +175,7 @@ def main() -> None:
             print(f"{case}, {name}: {ratio:.2f}x the questions/s of one question per row", flush=True)
         results.append(record)
     payload = {
-        **environment(torch.device("cpu")),
+        **environment(device_and_dtype(args)[0]),
         "command": " ".join(["python", *sys.argv]),
         "torch_threads": torch.get_num_threads(),
         "settings": vars(args),

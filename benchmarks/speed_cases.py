@@ -114,6 +114,39 @@ def build(cls: type, config: Any, dev: torch.device, dtype: torch.dtype) -> nn.M
             return cls._from_config(config, dtype=dtype, attn_implementation="eager")
 
 
+def side_kernels(ref_model: nn.Module, requested: str | None) -> dict[str, str | None]:
+    """The LM attention kernel of each side: the reference keeps the family's default; vlmkit runs
+    `requested` (model.speed.attention) or what its adapters run (never a kernel that drops Gemma
+    2's attention soft-capping, which transformers 5.17 allows)."""
+    from vlmkit.models.attention import SOFTCAPPING_KERNELS, language_model_attention, soft_caps_attention
+
+    reference = language_model_attention(ref_model)
+    ours = requested or reference
+    if ours not in SOFTCAPPING_KERNELS and soft_caps_attention(ref_model):
+        ours = "eager"
+    return {"reference": reference, "vlmkit": ours}
+
+
+def kernel_notes(ref_model: nn.Module, kernels: dict[str, str | None]) -> list[str]:
+    from vlmkit.models.attention import SOFTCAPPING_KERNELS, soft_caps_attention
+
+    if kernels["reference"] in SOFTCAPPING_KERNELS or not soft_caps_attention(ref_model):
+        return []
+    return [
+        f"the reference runs {kernels['reference']}, which this transformers lets Gemma 2 use although it "
+        "drops the attention soft-capping (as the anchors ran); vlmkit keeps the capping"
+    ]
+
+
+def use_kernel(ref_model: nn.Module, kernels: dict[str, str | None], side: str) -> None:
+    """Switch the shared LM modules to `side`'s kernel (both sides share them and their config)."""
+    from vlmkit.models.attention import language_model_attention, set_attention
+
+    kernel = kernels[side]
+    if kernel is not None and language_model_attention(ref_model) != kernel:
+        set_attention(ref_model, kernel, keep_capping=side == "vlmkit")
+
+
 def family_forward(model: nn.Module) -> Callable[..., Any]:
     """The transformers class's own forward, bypassing vlmkit's instance-level loss patch.
 
@@ -132,13 +165,9 @@ def apply_levers(model: nn.Module, speed: SpeedSpec) -> None:
 
 
 # ----------------------------------------------------------------------------------------- seed 000
-def seed000(variant: str, tiny: bool, dev: torch.device, dtype: torch.dtype, speed: SpeedSpec) -> Built:
-    """LLaVA class with DINOv2-base + Gemma2-2B (reference) vs vlmkit's VisionLanguageModel on the
-    same modules: its `mlp` projector is LLaVA's two linears, its feature layer is LLaVA's -1."""
-    from transformers import Dinov2Config, Gemma2Config, Gemma2ForCausalLM, LlavaConfig
-    from transformers import LlavaForConditionalGeneration as Llava
-
-    from vlmkit.models.vlm import VisionLanguageModel, VLMConfig
+def seed000_configs(tiny: bool) -> tuple[Any, Any]:
+    """DINOv2-base and Gemma2-2B configs (or tiny ones of the same families), random-init shapes."""
+    from transformers import Dinov2Config, Gemma2Config
 
     if tiny:
         v = Dinov2Config(
@@ -158,7 +187,6 @@ def seed000(variant: str, tiny: bool, dev: torch.device, dtype: torch.dtype, spe
             bos_token_id=2,
             eos_token_id=1,
         )
-        n_text, bs = 16, 2
     else:
         v = Dinov2Config(
             hidden_size=768,
@@ -186,7 +214,19 @@ def seed000(variant: str, tiny: bool, dev: torch.device, dtype: torch.dtype, spe
             bos_token_id=2,
             eos_token_id=1,
         )
-        n_text, bs = 64, 6
+    return v, t
+
+
+def seed000(variant: str, tiny: bool, dev: torch.device, dtype: torch.dtype, speed: SpeedSpec) -> Built:
+    """LLaVA class with DINOv2-base + Gemma2-2B (reference) vs vlmkit's VisionLanguageModel on the
+    same modules: its `mlp` projector is LLaVA's two linears, its feature layer is LLaVA's -1."""
+    from transformers import Gemma2ForCausalLM, LlavaConfig
+    from transformers import LlavaForConditionalGeneration as Llava
+
+    from vlmkit.models.vlm import VisionLanguageModel, VLMConfig
+
+    v, t = seed000_configs(tiny)
+    n_text, bs = (16, 2) if tiny else (64, 6)
     n_img = (v.image_size // v.patch_size) ** 2 + 1
     img_tok = 7
     cfg = LlavaConfig(

@@ -44,8 +44,11 @@ from speed_cases import (
     device_and_dtype,
     environment,
     free,
+    kernel_notes,
     quiet_offline_transformers,
+    side_kernels,
     to_device,
+    use_kernel,
     write_json,
 )
 
@@ -144,10 +147,18 @@ class Runner:
             built.vlmkit_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        self.vlmkit_model = torch.compile(built.vlmkit_model) if args.compile else built.vlmkit_model
+        self.vlmkit_model = (
+            torch.compile(built.vlmkit_model, mode=args.compile_mode) if args.compile else built.vlmkit_model
+        )
         self.ref_opt: torch.optim.Optimizer | None = None
+        # The two share the language model's modules (and so its config): each step sets its kernel.
+        self.kernels = side_kernels(built.ref_model, args.attention)
         # As Trainer's loop computes it (get_batch_samples): the labelled tokens of the step.
         self.num_items = (batch["labels"][:, 1:] != -100).sum()
+
+    def use(self, label: str) -> None:
+        """Run `label`'s attention kernel (model.speed.attention for vlmkit) from the next step on."""
+        use_kernel(self.built.ref_model, self.kernels, label)
 
     def ref_step(self) -> float:
         if self.ref_opt is None:
@@ -178,8 +189,10 @@ class Runner:
     @torch.no_grad()
     def losses(self) -> tuple[float, float]:
         self.built.ref_model.train()
+        self.use("reference")
         ref = float(self.built.ref_forward(**self.ref_batch).loss)
         self.built.vlmkit_model.train()
+        self.use("vlmkit")
         inputs = dict(self.batch)
         inputs.pop("image_keys", None)  # the check runs the tower itself (no cache involved)
         ours = float(self.trainer.compute_loss(self.built.vlmkit_model, inputs))
@@ -228,17 +241,20 @@ def run_case(name: str, args: argparse.Namespace, dev: torch.device, dtype: torc
         "params_by_component": built.counts,
         "params_trainable": sum(p.numel() for p in built.ref_model.parameters() if p.requires_grad),
         "vlmkit_levers": {
-            "model.speed": built.speed.model_dump(),
+            "model.speed": {**built.speed.model_dump(), "attention": args.attention},
             "training": {
                 "optim": args.optim or ("adamw_torch_fused" if dev.type == "cuda" else "adamw_torch"),
                 "gradient_checkpointing": args.gradient_checkpointing,
                 "torch_compile": args.compile,
+                "torch_compile_mode": args.compile_mode if args.compile else None,
             },
         },
         "notes": built.notes,
     }
     with tempfile.TemporaryDirectory() as workdir:
         runner = Runner(built, dev, batch, workdir, args)
+        record["attention"] = dict(runner.kernels)
+        record["notes"] = [*record["notes"], *kernel_notes(built.ref_model, runner.kernels)]
         steps = {"reference": runner.ref_step, "vlmkit": runner.vlmkit_step}
         if args.vlmkit_only:
             del steps["reference"]
@@ -257,12 +273,14 @@ def run_case(name: str, args: argparse.Namespace, dev: torch.device, dtype: torc
             }
         memory = {}
         for label, step in steps.items():
+            runner.use(label)
             memory[label] = measure_memory(dev, step, args.memory_steps)
             runner.drop_optimizers()
         times: dict[str, list[float]] = {label: [] for label in steps}
         losses: dict[str, list[float]] = {label: [] for label in steps}
         for i in range(args.warmup + args.steps):
             for label, step in steps.items():
+                runner.use(label)
                 seconds, loss = timed(dev, step)
                 losses[label].append(loss)
                 if i >= args.warmup:
@@ -305,6 +323,11 @@ def main() -> None:
     ap.add_argument("--memory-steps", type=int, default=2)
     ap.add_argument("--batch", type=int, default=None, help="override the case's batch size")
     ap.add_argument("--fused-ce", action="store_true", help="model.speed.fused_cross_entropy (liger)")
+    ap.add_argument(
+        "--attention",
+        default=None,
+        help="vlmkit's model.speed.attention (e.g. flex_attention); the reference keeps the family's default",
+    )
     ap.add_argument("--optim", default=None, help="vlmkit's training.optim (e.g. adamw_bnb_8bit)")
     ap.add_argument("--vlmkit-only", action="store_true", help="no reference (batch sweeps for MFU)")
     ap.add_argument(
@@ -314,6 +337,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--compile", action="store_true", help="torch.compile vlmkit's model (training.torch_compile)"
+    )
+    ap.add_argument(
+        "--compile-mode",
+        default=None,
+        help="training.torch_compile_mode, e.g. reduce-overhead (CUDA graphs for launch-bound steps)",
     )
     add_device_arguments(ap, "train_speed")
     args = ap.parse_args()

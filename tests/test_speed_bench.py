@@ -61,6 +61,21 @@ def test_train_speed_tiny(tmp_path):
     assert record["tokens_per_step"] == record["batch"] * record["seq_len"]
 
 
+def test_train_speed_runs_each_side_with_its_own_attention_kernel(tmp_path):
+    """The two share the LM's modules, so the benchmark switches the kernel before each step."""
+    payload = _run(
+        "train_speed.py",
+        tmp_path / "train.json",
+        *("--cases", "seed003_lora", "--attention", "eager"),
+        *("--steps", "1", "--warmup", "1", "--memory-steps", "1"),
+    )
+    (record,) = payload["results"]
+    assert "error" not in record, record.get("traceback")
+    assert record["attention"] == {"reference": "sdpa", "vlmkit": "eager"}
+    assert record["vlmkit_levers"]["model.speed"]["attention"] == "eager"
+    assert record["loss_check"]["match"], record["loss_check"]
+
+
 def test_gen_speed_tiny(tmp_path):
     payload = _run(
         "gen_speed.py",
@@ -84,3 +99,18 @@ def test_gen_speed_tiny(tmp_path):
         entry = record[batch]
         assert entry["tokens"]["identical"], entry["tokens"]
         assert entry["reference"]["tok_s"] > 0 and entry["vlmkit"]["tok_s"] > 0
+
+
+def test_shared_prefix_speed_seed000_tiny(tmp_path):
+    payload = _run(
+        "shared_prefix_speed.py",
+        tmp_path / "prefix.json",
+        *("--cases", "seed000", "--rounds", "1", "--steps", "2", "--questions", "8", "--turns", "3"),
+    )
+    _check_environment(payload)
+    (record,) = payload["results"]
+    assert record["attention"] in {"eager", "sdpa"}  # Gemma 2's default: eager where sdpa cannot soft-cap
+    one, merged = record["settings"]["one question per row"], record["settings"]["turns_per_image: 3"]
+    assert merged["token_slots_per_question"] < one["token_slots_per_question"]
+    assert merged["rows_per_batch"] < one["rows_per_batch"]
+    assert record["speedup"]["turns_per_image: 3"] > 0

@@ -70,6 +70,29 @@ def test_each_turn_matches_a_row_of_the_prefix_and_that_turn(attention):
         torch.testing.assert_close(merged_logits[cols], alone[-len(cols) :], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # flex attention compiles its kernel (~15 s on 2 cores)
+def test_flex_attention_takes_the_isolation_mask_as_a_block_mask():
+    """Flex attention skips the masked-out blocks; it must compute what sdpa computes with the
+    dense mask. (Set directly: `model.speed.attention` keeps flex for CUDA, where transformers'
+    own flex masks are sound; vlmkit's isolation mask is also exact on the CPU.)"""
+    torch.manual_seed(0)
+    adapter = build_vlm(tiny_spec(projector="linear"), TEXTS)
+    model = adapter.model.eval()
+    batch = adapter.encode([merged_sample(), Sample.vqa("s", image(2), "is it round ?", ["yes"])], train=True)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return model(**inputs).logits, model(**batch).loss
+
+    sdpa_logits, sdpa_loss = run()
+    model.language_model.set_attn_implementation("flex_attention")
+    assert type(model._custom_mask(batch["attention_mask"], torch.float32)).__name__ == "BlockMask"
+    flex_logits, flex_loss = run()
+    torch.testing.assert_close(flex_logits, sdpa_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(flex_loss, sdpa_loss, rtol=1e-5, atol=1e-6)
+
+
 def test_isolated_training_batch_has_finite_loss_and_gradients():
     adapter = build_vlm(tiny_spec(projector="linear"), TEXTS)
     batch = adapter.encode(

@@ -76,6 +76,9 @@ class QuantizationSpec(Strict):
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
+AttentionKernel = Literal["eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"]
+
+
 class SpeedSpec(Strict):
     """Speed/memory levers vlmkit owns (docs/performance.md); Trainer's own are `training:` keys."""
 
@@ -90,6 +93,9 @@ class SpeedSpec(Strict):
     # Generation: a static (pre-allocated) KV cache, and torch.compile of the decoding step on top.
     generation_cache: Literal["dynamic", "static"] = "dynamic"
     compile_generation: bool = False
+    # The language model's attention kernel; unset keeps the family's default (sdpa, or eager
+    # for Gemma 2, whose attention soft-capping sdpa cannot apply).
+    attention: AttentionKernel | None = None
 
     @model_validator(mode="after")
     def _compatible(self) -> SpeedSpec:

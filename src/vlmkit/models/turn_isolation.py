@@ -11,6 +11,8 @@ the tokens on easy-VQA.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from vlmkit.models.chat_encoding import IGNORE_INDEX
@@ -58,3 +60,20 @@ def isolation_inputs(
     turn_start = torch.where(starts, index, 0).cummax(dim=1).values
     positions = torch.where(seg > 0, prefix.view(-1, 1) + index - turn_start, index)
     return mask, positions
+
+
+def block_mask(mask: torch.Tensor) -> Any:
+    """The (batch, 1, q, k) boolean mask as flex attention's BlockMask.
+
+    Flex attention skips the blocks the mask rules out entirely (a later turn's keys for an
+    earlier turn, and the upper triangle), where sdpa and eager compute every score and mask it.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    allowed = mask[:, 0]
+
+    def may_attend(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return allowed[b, q, kv]
+
+    batch, _, q_len, kv_len = mask.shape
+    return create_block_mask(may_attend, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=str(mask.device))

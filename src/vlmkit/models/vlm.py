@@ -16,16 +16,29 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
-from transformers.configuration_utils import SubConfigSpec
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlmkit.models.feature_cache import VisionFeatureCache
 from vlmkit.models.loss import labelled_loss, softcapped
 from vlmkit.models.projectors import PROJECTORS
+from vlmkit.models.turn_isolation import block_mask
 from vlmkit.models.vision import build_vision_tower, feature_dim, freeze_unused, select_features
 
+try:  # transformers >= 5.2x declares sub-configs with their default model types
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers 5.17 (the GPU machine's): plain classes, converted below
+    SubConfigSpec = None
+
 IGNORE_INDEX = -100
+
+
+def _sub_config(value: dict | PreTrainedConfig | None, default_type: str) -> PreTrainedConfig:
+    """A sub-config from its dict (what config.json holds), whatever transformers 5.x does itself."""
+    if isinstance(value, PreTrainedConfig):
+        return value
+    fields = dict(value or {})
+    return AutoConfig.for_model(fields.pop("model_type", default_type), **fields)
 
 
 @strict
@@ -33,10 +46,13 @@ class VLMConfig(PreTrainedConfig):
     """Config of a VisionLanguageModel: two sub-configs plus how they are joined."""
 
     model_type = "vlmkit_vlm"
-    sub_configs_defaults: ClassVar[dict] = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults: ClassVar[dict] = {
+            "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2"),
+            "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+        }
+    else:  # pragma: no cover - exercised under transformers 5.17
+        sub_configs: ClassVar[dict] = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -55,6 +71,8 @@ class VLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
+        self.vision_config = _sub_config(self.vision_config, "dinov2")
+        self.text_config = _sub_config(self.text_config, "qwen2")
         super().__post_init__(**kwargs)
         if self.projector not in PROJECTORS:
             raise ValueError(f"projector {self.projector!r} is not one of {sorted(PROJECTORS)}")
@@ -230,18 +248,20 @@ class VisionLanguageModel(PreTrainedModel):
         )
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
-    def _custom_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _custom_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> Any:
         """A (batch, 1, q, k) boolean mask (turn isolation) in the form the LM's attention takes as-is."""
-        implementation = self.config.text_config._attn_implementation or "eager"
+        implementation = self.language_model.config._attn_implementation or "eager"
         if implementation == "sdpa" or mask.dtype != torch.bool:
             return mask
         if implementation == "eager":
             return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(dtype).min
             )
+        if implementation == "flex_attention":
+            return block_mask(mask)
         raise ValueError(
             f"isolated turns need a 4D attention mask, which {implementation} attention does not take; "
-            "load the model with sdpa or eager attention, or drop data.*.turns_per_image"
+            "set model.speed.attention to sdpa, eager or flex_attention, or drop data.*.turns_per_image"
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 from vlmkit.config import SpeedSpec
 from vlmkit.errors import ConfigError
 from vlmkit.models.adapters.base import ModelAdapter
+from vlmkit.models.attention import base_model, set_attention
 from vlmkit.models.feature_cache import VisionFeatureCache
 from vlmkit.models.loss import labelled_loss
 from vlmkit.models.vlm import VisionLanguageModel
@@ -26,12 +27,6 @@ logger = logging.getLogger(__name__)
 #: transformers VLM classes whose own head applies the text config's final logit soft-capping.
 SOFTCAPPING_FAMILIES = frozenset({"paligemma"})
 PATCHED = "_vlmkit_labelled_loss"
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (LoRA layers are injected in place)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def install_labelled_loss(model: nn.Module, fused: bool = False) -> None:
@@ -125,5 +120,7 @@ def apply_speed(adapter: ModelAdapter, spec: SpeedSpec) -> None:
         remove_labelled_loss(model)
         if spec.labelled_loss:
             install_labelled_loss(model, fused=spec.fused_cross_entropy)
+    if spec.attention is not None:
+        set_attention(model, spec.attention)
     adapter.generation_settings = generation_settings(spec)
     logger.info("speed levers: %s", spec.model_dump())

@@ -23,6 +23,7 @@ from vlmkit.data.images import image_key, load_image
 from vlmkit.data.sample import Sample
 from vlmkit.errors import ConfigError, ModelLoadError, SampleError
 from vlmkit.models.adapters.base import Batch, ModelAdapter
+from vlmkit.models.attention import keep_softcapping
 from vlmkit.models.chat_encoding import IGNORE_INDEX, assistant_spans
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class HFVisionAdapter(ModelAdapter):
                 f"(it takes: {known})"
             )
         self.model = model
+        keep_softcapping(model)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.processor = processor

@@ -15,6 +15,7 @@ from vlmkit.data.images import image_key, load_image
 from vlmkit.data.sample import Message, Sample
 from vlmkit.errors import ModelLoadError, SampleError
 from vlmkit.models.adapters.base import Batch, ModelAdapter
+from vlmkit.models.attention import keep_softcapping
 from vlmkit.models.chat_encoding import IGNORE_INDEX, encode_chat, end_of_turn_ids
 from vlmkit.models.tokenizer import IMAGE_TOKEN
 from vlmkit.models.turn_isolation import isolation_inputs, turn_segments
@@ -43,6 +44,7 @@ class VLMAdapter(ModelAdapter):
         multi-epoch run over short samples otherwise spends a good part of each step rendering chat
         templates. Keyed by the conversation's text, so a changed sample is encoded afresh."""
         self.model = model
+        keep_softcapping(model)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.max_length = max_length
