@@ -8,28 +8,20 @@ template ends a turn with a space rather than EOS, so EOS is appended to each tu
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from vlmkit.data.sample import Sample
-from vlmkit.errors import SampleError
-from vlmkit.models.adapters.hf_base import (
-    HFVisionAdapter,
-    Row,
-    assert_label_invariants,
-    encode_conversation,
-    expand_token,
-    template_end_of_turn,
-)
-from vlmkit.models.adapters.qwen2_vl import chat_messages
+from vlmkit.models.adapters.chat_template import ChatTemplateAdapter, chat_messages
+from vlmkit.models.adapters.hf_base import template_end_of_turn
 
 
-class LlavaAdapter(HFVisionAdapter):
+class LlavaAdapter(ChatTemplateAdapter):
     model_types = ("llava",)
     model_classes: ClassVar[dict[str, str]] = {"llava": "LlavaForConditionalGeneration"}
 
     def configure(self) -> None:
         config = self.model.config
         self.image_token_id = config.image_token_index
+        self.unlabelled = {self.image_token_id}
         self.end_of_turn = template_end_of_turn(self.tokenizer, chat_messages)
         processor = self.processor
         self.patch_size = getattr(processor, "patch_size", None) or config.vision_config.patch_size
@@ -41,24 +33,8 @@ class LlavaAdapter(HFVisionAdapter):
         if self.additional_tokens is None:  # CLIP-like towers prepend a class token
             self.additional_tokens = 1 if config.vision_config.model_type == "clip_vision_model" else 0
 
-    def stop_token_ids(self) -> list[int]:
-        return sorted(set(super().stop_token_ids()) | self.end_of_turn)
-
-    def image_token_count(self, height: int, width: int) -> int:
+    def image_token_count_of(self, images: dict[str, Any]) -> int:
         """LlavaProcessor's count: patches + extra tokens, minus CLS under the "default" strategy."""
+        height, width = (int(side) for side in images["pixel_values"].shape[-2:])
         count = (height // self.patch_size) * (width // self.patch_size) + self.additional_tokens
         return count - 1 if self.strategy == "default" else count
-
-    def encode_one(self, sample: Sample, train: bool) -> Row:
-        messages = chat_messages(sample.messages if train else sample.prompt_messages())
-        try:
-            ids, labels = encode_conversation(self.tokenizer, messages, train, self.end_of_turn)
-        except ValueError as exc:
-            raise SampleError(sample.id, str(exc)) from None
-        images = self.image_tensors(sample)
-        height, width = images["pixel_values"].shape[-2:]
-        count = self.image_token_count(int(height), int(width))
-        ids, labels, _ = expand_token(ids, labels, self.image_token_id, [count], sample.id)
-        if labels is not None:
-            assert_label_invariants(ids, labels, {self.image_token_id}, sample.id)
-        return Row(ids, labels, {"pixel_values": images["pixel_values"]})

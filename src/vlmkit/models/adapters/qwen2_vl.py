@@ -11,33 +11,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from vlmkit.data.sample import Message, Sample
-from vlmkit.errors import SampleError
-from vlmkit.models.adapters.hf_base import (
-    HFVisionAdapter,
-    Row,
-    assert_label_invariants,
-    encode_conversation,
-    expand_token,
-    template_end_of_turn,
-)
+from vlmkit.models.adapters.chat_template import ChatTemplateAdapter, chat_messages
+from vlmkit.models.adapters.hf_base import Row, template_end_of_turn
 
 
-def chat_messages(messages: list[Message], with_image: bool = True) -> list[dict[str, Any]]:
-    """Content-part messages; the image goes first in the first user turn (Qwen's own examples)."""
-    out: list[dict[str, Any]] = []
-    image_placed = not with_image
-    for message in messages:
-        parts: list[dict[str, Any]] = []
-        if message["role"] == "user" and not image_placed:
-            parts.append({"type": "image"})
-            image_placed = True
-        parts.append({"type": "text", "text": message["content"]})
-        out.append({"role": message["role"], "content": parts})
-    return out
-
-
-class Qwen2VLAdapter(HFVisionAdapter):
+class Qwen2VLAdapter(ChatTemplateAdapter):
     """`min_pixels` / `max_pixels` (adapter options) bound each image's resized area, so the number
     of vision tokens per image is between min_pixels/784 and max_pixels/784 at patch 14, merge 2."""
 
@@ -70,18 +48,8 @@ class Qwen2VLAdapter(HFVisionAdapter):
         vision_ids = {config.image_token_id, config.video_token_id, config.vision_start_token_id}
         self.unlabelled = vision_ids | {config.vision_end_token_id}
 
-    def stop_token_ids(self) -> list[int]:
-        return sorted(set(super().stop_token_ids()) | self.end_of_turn)
+    def image_token_count_of(self, images: dict[str, Any]) -> int:
+        return int(images["image_grid_thw"][0].prod()) // self.merge_size**2
 
-    def encode_one(self, sample: Sample, train: bool) -> Row:
-        messages = chat_messages(sample.messages if train else sample.prompt_messages())
-        try:
-            ids, labels = encode_conversation(self.tokenizer, messages, train, self.end_of_turn)
-        except ValueError as exc:
-            raise SampleError(sample.id, str(exc)) from None
-        images = self.image_tensors(sample)
-        count = int(images["image_grid_thw"][0].prod()) // self.merge_size**2
-        ids, labels, image_mask = expand_token(ids, labels, self.image_token_id, [count], sample.id)
-        if labels is not None:
-            assert_label_invariants(ids, labels, self.unlabelled, sample.id)
+    def row(self, ids: list[int], labels: list[int] | None, images: dict[str, Any], image_mask: Any) -> Row:
         return Row(ids, labels, images, {"mm_token_type_ids": image_mask})
