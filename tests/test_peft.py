@@ -117,6 +117,9 @@ def test_lora_folder_saves_adapter_only_and_loads_back(family_dirs, tmp_path):
     assert model_type_of(tmp_path) == "llava"
     again = load_adapter(tmp_path)
     assert torch.equal(logits(adapter), logits(again))
+    merged = load_adapter(export_merged(tmp_path, tmp_path / "merged"))
+    assert (tmp_path / "merged" / "config.json").exists()
+    torch.testing.assert_close(logits(merged), logits(adapter), rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +228,29 @@ def test_freeze_on_a_lora_vlmkit_vlm_touches_lora_weights_only(tiny_vlm_dir):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert not any(".projector." in n for n in trainable)
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["projector"]])
+def test_a_composed_vlm_with_lora_saves_its_base_and_loads_back(tmp_path, modules_to_save):
+    """A composed VLM's base exists nowhere on disk: its LoRA folder carries it in base/."""
+    from safetensors import safe_open
+
+    from conftest import tiny_spec
+    from vlmkit.models.build import build_vlm
+
+    torch.manual_seed(0)
+    texts = [m["content"] for s in SAMPLES for m in s.messages]
+    adapter = build_vlm(tiny_spec(), texts)
+    apply_lora(adapter, LoraSpec(r=4, modules_to_save=modules_to_save), quantized=False)
+    train_steps(adapter)
+    adapter.save(tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()  # the top folder holds the adapter only
+    assert json.loads((tmp_path / "vlmkit_base.json").read_text())["base_model"] == "base"
+    with safe_open(str(tmp_path / "base" / "model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    assert names and not any("lora_" in n or "base_layer" in n or "modules_to_save" in n for n in names)
+    again = load_adapter(tmp_path)
+    assert torch.equal(logits(adapter), logits(again))
+    merged = load_adapter(export_merged(tmp_path, tmp_path / "merged"))
+    assert (tmp_path / "merged" / "config.json").exists()
+    torch.testing.assert_close(logits(merged), logits(adapter), rtol=1e-4, atol=1e-4)

@@ -190,7 +190,10 @@ def lora_base(path: str | Path) -> tuple[str, str | None]:
     pointer = folder / BASE_POINTER_FILE
     if pointer.is_file():
         data = json.loads(pointer.read_text())
-        return data["base_model"], data.get("model_type")
+        base = data["base_model"]
+        if not Path(base).is_absolute() and (folder / base).is_dir():  # a base saved inside the folder
+            base = str(folder / base)
+        return base, data.get("model_type")
     try:
         base = json.loads((folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
     except (json.JSONDecodeError, KeyError):

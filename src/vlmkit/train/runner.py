@@ -237,7 +237,8 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
         stage_dir = run_dir if len(stages) == 1 else run_dir / f"{index + 1}-{stage.name}"
         stage_dir.mkdir(parents=True, exist_ok=True)
         finished = stage_dir / "model"
-        if len(stages) > 1 and resume is not False and (finished / "config.json").exists():
+        saved = (finished / "config.json").exists() or (finished / "adapter_config.json").exists()
+        if len(stages) > 1 and resume is not False and saved:
             logger.info("stage %s already finished; continuing from %s", stage.name, finished)
             adapter = load_adapter(finished, **_adapter_kwargs(config))
             result.stages.append(json.loads((stage_dir / "metrics.json").read_text()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,11 +16,27 @@ from vlmkit.data.images import image_key, load_image
 from vlmkit.data.sample import Message, Sample
 from vlmkit.errors import ModelLoadError, SampleError
 from vlmkit.models.adapters.base import Batch, ModelAdapter
+from vlmkit.models.adapters.hf_base import BASE_POINTER_FILE, is_peft_model
 from vlmkit.models.attention import keep_softcapping
 from vlmkit.models.chat_encoding import IGNORE_INDEX, encode_chat, end_of_turn_ids
 from vlmkit.models.tokenizer import IMAGE_TOKEN
 from vlmkit.models.turn_isolation import isolation_inputs, turn_segments
 from vlmkit.models.vlm import VisionLanguageModel, register_auto_classes
+
+#: Where a LoRA folder of vlmkit's own VLM keeps its base model (relative to the folder).
+LORA_BASE_DIR = "base"
+
+
+def lora_free_state_dict(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's weights out of a peft model's state dict: LoRA factors and trained copies
+    (`modules_to_save`) dropped, wrapped layers' original weights under their plain names."""
+    base: dict[str, torch.Tensor] = {}
+    for key, value in peft_state.items():
+        name = key.removeprefix("base_model.model.")
+        if "lora_" in name or ".modules_to_save." in name:
+            continue
+        base[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
+    return base
 
 
 class VLMAdapter(ModelAdapter):
@@ -76,9 +93,22 @@ class VLMAdapter(ModelAdapter):
         return cls(model, tokenizer, image_processor, **kwargs)
 
     def save(self, out_dir: str | Path, *, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        self.model.save_pretrained(out_dir, state_dict=state_dict)
-        self.tokenizer.save_pretrained(out_dir)
-        self.image_processor.save_pretrained(out_dir)
+        """A model folder; for a LoRA-wrapped model the adapter weights, and its frozen base in
+        `base/` with a pointer to it: a composed VLM's base exists nowhere else on disk."""
+        out = Path(out_dir)
+        self.model.save_pretrained(out, state_dict=state_dict)
+        if is_peft_model(self.model):
+            full = state_dict if state_dict is not None else self.model.state_dict()
+            base = self.model.get_base_model()
+            base.save_pretrained(out / LORA_BASE_DIR, state_dict=lora_free_state_dict(full))
+            self._save_processing(out / LORA_BASE_DIR)
+            pointer = {"base_model": LORA_BASE_DIR, "model_type": base.config.model_type}
+            (out / BASE_POINTER_FILE).write_text(json.dumps(pointer, indent=2))
+        self._save_processing(out)
+
+    def _save_processing(self, out: Path) -> None:
+        self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
 
     def stop_token_ids(self) -> list[int]:
         return self._stops
