@@ -102,3 +102,39 @@ def test_fsdp2_rank0_loading_with_buffers_is_a_clear_error():
         check_fsdp_loading(plugin, resnet)
     check_fsdp_loading(SimpleNamespace(fsdp_version=2, cpu_ram_efficient_loading=False), resnet)
     check_fsdp_loading(plugin, build_vlm(tiny_spec(vision={"config": TINY_DINOV2}), ["a question"]).model)
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_lora_equals_one_process_and_saves_a_loadable_folder(tmp_path):
+    """LoRA on a composed VLM under FSDP2: the gathered adapter equals one process's, and the folder
+    carries its base (base/), so the run's reload for evaluation works."""
+    common = {"max_steps": 3, "per_device_train_batch_size": 4, "dataloader_drop_last": True}
+
+    def lora_config(name: str, **training) -> dict:
+        raw = dinov2_config(tmp_path, name, **training)
+        raw["model"]["lora"] = {"r": 4, "dropout": 0.0}
+        return raw
+
+    single = train(
+        parse_config(lora_config("single", gradient_accumulation_steps=2, save_strategy="no", **common))
+    )
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(lora_config("fsdp", save_strategy="no", **common)))
+    launch = {**yaml.safe_load(FSDP_LAUNCH.read_text()), "num_processes": 2, "mixed_precision": "no"}
+    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(launch))
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "launch.yaml")),
+        *("--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())),
+        *("-m", "vlmkit", "train", str(tmp_path / "fsdp.yaml")),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = tmp_path / "fsdp" / "model"
+    assert "PeftModel" in json.loads((model.parent / "metrics.json").read_text())["fsdp_units"]
+    ours, expected = (load_file(m / "adapter_model.safetensors") for m in (model, single.model_dir))
+    assert ours.keys() == expected.keys() and any("lora_B" in k for k in expected)
+    for name, tensor in expected.items():
+        assert torch.allclose(ours[name], tensor, atol=1e-5), name
+    base, single_base = (load_file(m / "base" / "model.safetensors") for m in (model, single.model_dir))
+    assert base.keys() == single_base.keys() and all(torch.equal(base[k], single_base[k]) for k in base)
+    assert load_adapter(model).model.peft_config["default"].r == 4
