@@ -201,6 +201,18 @@ class RunConfig(Strict):
                     f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}: "
                     "`training` takes transformers.TrainingArguments fields"
                 )
+        for stage in self.resolved_stages():
+            strategy = stage.training.get("train_sampling_strategy", "random")
+            if strategy == "batch_rebalance":
+                raise ValueError(
+                    "training.train_sampling_strategy: batch_rebalance is not supported; "
+                    "use group_by_length (batches of similar length) or random"
+                )
+            if strategy == "group_by_length" and stage.data is not None and stage.data.questions_per_image:
+                raise ValueError(
+                    "data.questions_per_image and training.train_sampling_strategy: group_by_length "
+                    "both choose the batches; keep one"
+                )
         return self
 
     def run_dir(self) -> Path:

@@ -105,3 +105,17 @@ def _decode_bytes(data: bytes, name: str) -> Image.Image:
             return to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"image {name} is corrupt or not an image ({exc}); replace or remove it") from None
+
+
+def image_size(source: ImageLike) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding; None if it cannot be read
+    (the sample's real error is raised when a batch loads it)."""
+    if isinstance(source, LazyImage):
+        source = source.read()
+    if isinstance(source, Image.Image):
+        return source.size
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None

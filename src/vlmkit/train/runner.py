@@ -164,6 +164,7 @@ def train_stage(
     progress = ProgressBar(stage.name)
     trainer = VlmkitTrainer(
         questions_per_image=(stage.data or config.data).questions_per_image,
+        sample_lengths=adapter.sample_lengths,
         on_nonfinite=config.guard.on_nonfinite,
         model=adapter.model,
         args=args,

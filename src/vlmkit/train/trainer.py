@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,8 +25,10 @@ import torch
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from vlmkit.data.sample import Sample
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.train.collate import SampleDataset
 from vlmkit.train.sampling import ImageChunkSampler
@@ -56,11 +59,14 @@ class VlmkitTrainer(Trainer):
         self,
         *args: Any,
         questions_per_image: int | None = None,
+        sample_lengths: Callable[[Sequence[Sample]], list[int]] | None = None,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         **kwargs: Any,
     ) -> None:
+        """`sample_lengths` (the adapter's) gives token counts for length-grouped batching."""
         super().__init__(*args, **kwargs)
         self.questions_per_image = questions_per_image
+        self.sample_lengths = sample_lengths
         self.on_nonfinite = on_nonfinite
         self.skipped_steps: list[int] = []
         self._batch_ids: list[str] = []
@@ -87,6 +93,17 @@ class VlmkitTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.questions_per_image and isinstance(dataset, SampleDataset):
             return ImageChunkSampler(dataset.samples, self.questions_per_image, seed=self.args.seed)
+        strategy = getattr(self.args, "train_sampling_strategy", "random")
+        if strategy == "group_by_length" and isinstance(dataset, SampleDataset):
+            # Trainer reads lengths from a `datasets` column or tokenised items; ours are Samples.
+            if self.sample_lengths is None:
+                raise ConfigError(
+                    "train_sampling_strategy: group_by_length needs the adapter's sample lengths"
+                )
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths=self.sample_lengths(dataset.samples),
+            )
         return super()._get_train_sampler(train_dataset)
 
     # -- guards -------------------------------------------------------------------------------

@@ -61,6 +61,17 @@ class ModelAdapter(ABC):
     def device(self) -> torch.device:
         return self.model.device
 
+    def sample_lengths(self, samples: Sequence[Sample]) -> list[int]:
+        """About how many tokens each sample encodes to, for length-grouped batching: its text's
+        tokens plus its image's, without processing any image."""
+        texts = ["\n".join(message["content"] for message in sample.messages) for sample in samples]
+        tokens = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [len(ids) + self.image_tokens_of(sample) for ids, sample in zip(tokens, samples, strict=True)]
+
+    def image_tokens_of(self, sample: Sample) -> int:
+        """The image's token count where it varies per image; a constant needs no estimate (0)."""
+        return 0
+
     def stop_token_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
         if eos is None:

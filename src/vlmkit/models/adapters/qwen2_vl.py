@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from vlmkit.data.images import image_size
+from vlmkit.data.sample import Sample
 from vlmkit.models.adapters.chat_template import ChatTemplateAdapter, chat_messages
 from vlmkit.models.adapters.hf_base import Row, template_end_of_turn
 
@@ -50,6 +54,22 @@ class Qwen2VLAdapter(ChatTemplateAdapter):
 
     def image_token_count_of(self, images: dict[str, Any]) -> int:
         return int(images["image_grid_thw"][0].prod()) // self.merge_size**2
+
+    def image_tokens_of(self, sample: Sample) -> int:
+        """From the image's size alone: the processor's resize rule (dynamic resolution)."""
+        size = image_size(sample.image) if sample.image is not None else None
+        if size is None:
+            return 0
+        processor = self.image_processor
+        factor = int(processor.patch_size) * self.merge_size
+        height, width = smart_resize(
+            size[1],
+            size[0],
+            factor=factor,
+            min_pixels=processor.size["shortest_edge"],
+            max_pixels=processor.size["longest_edge"],
+        )
+        return (height // factor) * (width // factor)
 
     def row(self, ids: list[int], labels: list[int] | None, images: dict[str, Any], image_mask: Any) -> Row:
         return Row(ids, labels, images, {"mm_token_type_ids": image_mask})
