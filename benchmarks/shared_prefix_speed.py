@@ -70,6 +70,10 @@ def build(case: str, texts: list[str], args: argparse.Namespace) -> Any:
         }
         init = init.model_validate({**init.model_dump(), **parts, "image_size": vision.image_size})
     adapter = build_vlm(init, texts, token_cache=True, image_cache_size=5000)
+    if case == "seed000":
+        # Gemma's 256k vocabulary, though the word tokenizer has ~40 words: the head's cost and
+        # the embedding's optimiser state are those of the real model.
+        adapter.model.language_model.resize_token_embeddings(text.vocab_size)
     dev, dtype = device_and_dtype(args)
     adapter.model.to(device=dev, dtype=dtype)
     adapter.model.set_trainable(vision=not frozen_tower, projector=True, lm=True)
