@@ -6,6 +6,8 @@ from vlmkit.data.conversations import INDEPENDENT_TURNS, merge_turns
 from vlmkit.data.sample import Sample
 from vlmkit.data.sources import load_samples
 
+pytest_plugins = ["tiny_families"]
+
 
 def _turns(sample: Sample) -> list[tuple[str, str]]:
     messages = sample.messages
@@ -75,3 +77,19 @@ def test_turns_per_image_in_a_data_spec_merges_after_filtering():
     assert sum(len(m.messages) // 2 for m in merged) == len(singles)
     with pytest.raises(ValueError):
         merge_turns(singles, turns=0)
+
+
+def test_merged_turns_are_refused_where_they_would_not_all_be_trained_or_scored(tmp_path, family_dirs):
+    from conftest import tiny_config
+    from vlmkit.config import parse_config
+    from vlmkit.errors import ConfigError
+    from vlmkit.train.runner import train
+
+    merged = {"source": "easyvqa", "split": "test", "limit": 40, "turns_per_image": 3}
+    with pytest.raises(ConfigError, match="evaluation asks one question per sample"):
+        parse_config(tiny_config(tmp_path, **{"data.eval": merged}))
+    # PaliGemma trains the first question of a conversation only: merged rows would lose the rest.
+    raw = tiny_config(tmp_path, **{"data.train": merged})
+    raw["model"] = {"pretrained": str(family_dirs("paligemma"))}
+    with pytest.raises(ConfigError, match=r"turns_per_image .* not for paligemma models"):
+        train(parse_config(raw))

@@ -202,6 +202,11 @@ class RunConfig(Strict):
                     "`training` takes transformers.TrainingArguments fields"
                 )
         for stage in self.resolved_stages():
+            if stage.data is not None and stage.data.eval is not None and stage.data.eval.turns_per_image:
+                raise ValueError(
+                    "data.eval.turns_per_image: evaluation asks one question per sample; "
+                    "merge questions in data.train only"
+                )
             strategy = stage.training.get("train_sampling_strategy", "random")
             if strategy == "batch_rebalance":
                 raise ValueError(

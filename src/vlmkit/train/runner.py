@@ -211,6 +211,24 @@ def full_weights(trainer: VlmkitTrainer) -> dict[str, torch.Tensor] | None:
     return trainer.accelerator.get_state_dict(trainer.model)
 
 
+def check_merged_turns(config: RunConfig, stages: list[Stage]) -> None:
+    """Refuse `turns_per_image` for a family that would not train every merged turn."""
+    merged = [
+        stage.name for stage in stages if stage.data and stage.data.train and stage.data.train.turns_per_image
+    ]
+    if not merged or config.model.pretrained is None:
+        return  # a composed VLM (model.init) trains merged turns with isolation
+    from vlmkit.errors import ConfigError
+    from vlmkit.models.adapters import adapter_class, model_type_of
+
+    family = model_type_of(config.model.pretrained)
+    if not adapter_class(family).trains_merged_turns:
+        raise ConfigError(
+            f"data.train.turns_per_image (stage {merged[0]}) is not for {family} models, which train one "
+            "question per row; remove it"
+        )
+
+
 def train(config: RunConfig, *, resume: bool | None = None, command: str | None = None) -> TrainResult:
     """Run every stage of `config`; returns where the final model and metrics were written."""
     from accelerate import PartialState
@@ -229,6 +247,7 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
 
         where = f" (stage {missing[0]})" if len(stages) > 1 else ""
         raise ConfigError(f"no training data{where}: set data.train (e.g. easyvqa:train)")
+    check_merged_turns(config, stages)
     train_sets = [load_samples(stage.data.train) for stage in stages]  # type: ignore[union-attr]
     adapter = build_model(config, train_sets if config.model.init is not None else None)
     bad_samples = BadSampleLog(run_dir / "bad_samples.jsonl")

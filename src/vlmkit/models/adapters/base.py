@@ -32,6 +32,9 @@ class ModelAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()
     #: whether `model.generate` returns the prompt tokens before the new ones.
     generate_returns_prompt: ClassVar[bool] = True
+    #: whether every turn of a conversation merged by `data.*.turns_per_image` is trained (with
+    #: isolated turns in vlmkit's own VLM, as plain multi-turn elsewhere); False: refused at load.
+    trains_merged_turns: ClassVar[bool] = True
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase

@@ -24,6 +24,9 @@ class PaliGemmaAdapter(HFVisionAdapter):
     model_types = ("paligemma",)
     model_classes: ClassVar[dict[str, str]] = {"paligemma": "PaliGemmaForConditionalGeneration"}
     options: ClassVar[dict[str, Any]] = {"prompt_prefix": "answer en "}
+    # One question per row: merged turns would lose all but the first, and cannot share the image
+    # anyway (PaliGemma's image tokens attend to the question, so they differ per question).
+    trains_merged_turns = False
 
     def configure(self) -> None:
         self.image_token_id = self.model.config.image_token_index
