@@ -198,3 +198,22 @@ def test_bad_samples_are_sample_errors(family_dirs):
         adapter.encode([Sample.vqa("x", None, "q?", ["a"])])
     with pytest.raises(SampleError, match="no assistant turn"):
         adapter.encode([Sample.vqa("y", image(0), "q?", [])])
+
+
+def test_paligemma_says_when_it_trains_only_a_conversations_first_question(adapters, caplog):
+    adapter = adapters("paligemma")
+    sample = Sample(
+        id="chat",
+        image=image(2),
+        messages=[
+            {"role": "user", "content": "what color is the shape?"},
+            {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "How many bars?"},
+            {"role": "assistant", "content": "42"},
+        ],
+    )
+    with caplog.at_level("WARNING"):
+        labels = adapter.encode([sample])["labels"][0]
+    answer = adapter.tokenizer.decode(labels[labels != IGNORE_INDEX], skip_special_tokens=True)
+    assert answer.strip() == "red"
+    assert "first question of a conversation only (sample chat has 2)" in caplog.text

@@ -8,12 +8,15 @@ adapter builds it itself so it can pad right for training, left for generation, 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 from vlmkit.data.sample import Sample
 from vlmkit.errors import SampleError
 from vlmkit.models.adapters.hf_base import HFVisionAdapter, Row, assert_label_invariants
 from vlmkit.models.chat_encoding import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
 
 
 class PaliGemmaAdapter(HFVisionAdapter):
@@ -27,6 +30,7 @@ class PaliGemmaAdapter(HFVisionAdapter):
     # One question per row: merged turns would lose all but the first, and cannot share the image
     # anyway (PaliGemma's image tokens attend to the question, so they differ per question).
     trains_merged_turns = False
+    warned_multi_turn = False
 
     def configure(self) -> None:
         self.image_token_id = self.model.config.image_token_index
@@ -41,6 +45,14 @@ class PaliGemmaAdapter(HFVisionAdapter):
         if not users:
             raise SampleError(sample.id, "has no user turn (the question)")
         at = users[0] if train else users[-1]
+        if train and len(users) > 1 and not self.warned_multi_turn:
+            logger.warning(
+                "PaliGemma trains the first question of a conversation only (sample %s has %d); "
+                "split conversations into one sample per question to train the others",
+                sample.id,
+                len(users),
+            )
+            self.warned_multi_turn = True
         answer = None
         if train:
             answer = next((m["content"] for m in messages[at + 1 :] if m["role"] == "assistant"), None)
