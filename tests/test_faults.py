@@ -103,6 +103,41 @@ def test_a_crash_mid_checkpoint_leaves_no_complete_looking_checkpoint(tmp_path, 
     assert not list(run.glob("checkpoint-*"))  # the half-written one stayed in .incomplete
 
 
+def test_a_crash_while_writing_the_model_leaves_no_model_folder(tmp_path, monkeypatch):
+    """save_pretrained writes config.json first; a folder holding it must be a whole model."""
+    from vlmkit.models.adapters.vlm import VLMAdapter
+
+    original = VLMAdapter.save
+
+    def crash(self, out_dir, **kwargs):
+        original(self, out_dir, **kwargs)
+        (Path(out_dir) / "model.safetensors").unlink()  # as if the disk filled mid-write
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(VLMAdapter, "save", crash)
+    with pytest.raises(OSError):
+        train(parse_config(config(tmp_path, "crash", max_steps=1, save_strategy="no")))
+    run = tmp_path / "crash"
+    assert not (run / "model").exists() and not list(run.glob(".model*"))
+
+
+def test_a_rewritten_folder_replaces_the_old_one_whole(tmp_path):
+    from vlmkit.folders import write_folder
+
+    def write(files):
+        def into(folder):
+            folder.mkdir()
+            for name in files:
+                (folder / name).write_text(name)
+
+        return into
+
+    write_folder(tmp_path / "model", write(["config.json", "old.bin"]))
+    write_folder(tmp_path / "model", write(["config.json", "new.bin"]))
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "new.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or previous left
+
+
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_loss_stops_or_skips_naming_step_and_samples(tmp_path, monkeypatch, policy):
     from vlmkit.models.vlm import VisionLanguageModel

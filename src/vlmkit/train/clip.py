@@ -30,6 +30,7 @@ from vlmkit.data.sample import Sample
 from vlmkit.data.sources import load_samples
 from vlmkit.data.sources.captions import caption_of
 from vlmkit.errors import ConfigError, DataError, SampleError
+from vlmkit.folders import write_folder
 from vlmkit.models.clip import ClipBundle, build_clip, load_clip
 from vlmkit.models.contrastive import contrastive_loss
 from vlmkit.models.tokenizer import train_tokenizer
@@ -346,7 +347,7 @@ def train_clip(config: ClipRunConfig, *, resume: bool | None = None, command: st
     if not trainer.is_world_process_zero():
         return run_dir
 
-    bundle.save(run_dir / "model")
+    write_folder(run_dir / "model", bundle.save)
     summary: dict[str, Any] = {
         "task": "clip",
         "global_step": trainer.state.global_step,

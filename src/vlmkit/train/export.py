@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.errors import ModelLoadError
+from vlmkit.folders import write_folder
 from vlmkit.models.adapters import load_adapter
 from vlmkit.models.adapters.hf_base import is_peft_model
 from vlmkit.train.peft import is_lora_dir, lora_base
@@ -62,5 +63,4 @@ def export_merged(run_or_model_dir: Path, out: Path, *, dtype: torch.dtype | Non
     if is_peft_model(adapter.model):
         adapter.model = adapter.model.merge_and_unload()
         logger.info("merged LoRA weights of %s into its base", source)
-    adapter.save(out)
-    return out
+    return write_folder(out, adapter.save)

@@ -6,6 +6,7 @@ checkpoints, model/ (the final model), metrics.json, loss.png, bad_samples.jsonl
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from vlmkit.config import RunConfig, Stage
 from vlmkit.data.sample import Sample
 from vlmkit.data.sources import load_samples
+from vlmkit.folders import write_folder
 from vlmkit.models.adapters import ModelAdapter, load_adapter
 from vlmkit.models.build import build_vlm
 from vlmkit.train.callbacks import MetricsRecorder, ProgressBar
@@ -268,7 +270,7 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
         result.stages.append(summary)
         sharded = weights is not None
         if (len(stages) > 1 or sharded) and process.is_main_process:
-            adapter.save(finished, state_dict=weights)
+            write_folder(finished, functools.partial(adapter.save, state_dict=weights))
         del weights
         process.wait_for_everyone()
         if sharded and (process.is_main_process or index + 1 < len(stages)):
@@ -277,7 +279,7 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
     if not process.is_main_process:
         return result
     if len(stages) > 1 or not sharded:  # else the one stage's model is written already
-        adapter.save(result.model_dir)
+        write_folder(result.model_dir, adapter.save)
     result.bad_samples = bad_samples.count()
     if result.bad_samples:
         logger.warning("%d bad samples were skipped; see %s", result.bad_samples, bad_samples.path)
