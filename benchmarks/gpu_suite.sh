@@ -10,6 +10,7 @@
 #           seed 000 recipe's optimiser, the memory lever for the <= 0.7x peak goal)
 #   mfu     seed 000 full fine-tune alone at batch 12 and 24, and 32 with 8-bit AdamW (MFU >= 45% goal)
 #   prefix  seed 000 with merged questions (turns_per_image) vs one question per row
+#   goals   the goals checked against every JSON in $OUT (goals.py -> goals.json)
 # Stages write 1 (train, compile), 2 (gen, prefix) or 3 (levers, mfu) JSONs; a device call brings
 # back at most 8 files, so group stages within that.
 # TINY=1 runs every command with --tiny on the CPU (a check of the command lines, not a measurement).
@@ -68,8 +69,9 @@ for stage in "$@"; do
     bench shared_prefix_h100_seed000_flex shared_prefix_speed.py --cases seed000 --questions 16 \
       --attention "$flex" "${prefix[@]}"
     ;;
+  goals) "$py" benchmarks/goals.py "$out" || failed=1 ;;
   *)
-    echo "unknown stage $stage (train, gen, compile, levers, mfu, prefix)" >&2
+    echo "unknown stage $stage (train, gen, compile, levers, mfu, prefix, goals)" >&2
     exit 2
     ;;
   esac

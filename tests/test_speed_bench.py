@@ -114,3 +114,34 @@ def test_shared_prefix_speed_seed000_tiny(tmp_path):
     assert merged["token_slots_per_question"] < one["token_slots_per_question"]
     assert merged["rows_per_batch"] < one["rows_per_batch"]
     assert record["speedup"]["turns_per_image: 3"] > 0
+
+
+def test_goals_are_met_missed_or_not_gpu_figures(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from goals import check
+
+    def train_record(speed, memory, mfu, match=True):
+        return {
+            "case": "seed000",
+            "variant": "full_ft",
+            "batch": 6,
+            "loss_check": {"rel_diff": 1e-3, "rel_tolerance": 2e-2, "match": match},
+            "ratio": {"samples_s": speed, "peak_gib": memory},
+            "vlmkit": {"mfu_6NT": mfu},
+        }
+
+    gpu = {"machine": {"device": "cuda:0"}}
+    (tmp_path / "train.json").write_text(
+        json.dumps({**gpu, "results": [train_record(1.6, 0.65, 0.47), train_record(1.6, 0.8, 0.3, False)]})
+    )
+    (tmp_path / "cpu.json").write_text(
+        json.dumps({"machine": {"device": "cpu"}, "results": [train_record(9.0, 0.1, 0.9)]})
+    )
+    gen = {"case": "seed000", "batch_16": {"ratio_tok_s": 1.9, "tokens": {"identical": True}}}
+    (tmp_path / "gen.json").write_text(json.dumps({**gpu, "results": [gen]}))
+    rows = check(tmp_path)
+    verdicts = [(row["file"], row["goal"].split()[0], row["verdict"]) for row in rows]
+    assert ("train.json", "speed", "met") in verdicts and ("train.json", "speed", "missed") in verdicts
+    assert ("train.json", "MFU", "met") in verdicts and ("train.json", "loss", "missed") in verdicts
+    assert ("gen.json", "generation", "missed") in verdicts
+    assert {v for f, _, v in verdicts if f == "cpu.json"} == {"n/a (not a GPU figure)"}
