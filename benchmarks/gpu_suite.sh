@@ -10,7 +10,8 @@
 #           seed 000 recipe's optimiser, the memory lever for the <= 0.7x peak goal)
 #   mfu     seed 000 full fine-tune alone at batch 12 and 24, and 32 with 8-bit AdamW (MFU >= 45% goal)
 #   prefix  seed 000 with merged questions (turns_per_image) vs one question per row
-#   goals   the goals checked against every JSON in $OUT (goals.py -> goals.json)
+#   goals   the goals against the JSONs of this call's $OUT (goals.py -> goals.json); across
+#           calls, run `python benchmarks/goals.py FOLDER` here on the fetched files
 # Stages write 1 (train, compile), 2 (gen, prefix) or 3 (levers, mfu) JSONs; a device call brings
 # back at most 8 files, so group stages within that.
 # TINY=1 runs every command with --tiny on the CPU (a check of the command lines, not a measurement).
