@@ -71,10 +71,8 @@ def test_labels_are_exactly_the_answer_and_end_token(adapters, family):
     assert torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
-def test_multi_turn_labels_cover_every_assistant_turn_only(adapters, family):
-    adapter = adapters(family)
-    sample = Sample(
+def two_question_chat() -> Sample:
+    return Sample(
         id="chat",
         image=image(2),
         messages=[
@@ -85,7 +83,12 @@ def test_multi_turn_labels_cover_every_assistant_turn_only(adapters, family):
             {"role": "assistant", "content": "42"},
         ],
     )
-    labels = adapter.encode([sample])["labels"][0].tolist()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_multi_turn_labels_cover_every_assistant_turn_only(adapters, family):
+    adapter = adapters(family)
+    labels = adapter.encode([two_question_chat()])["labels"][0].tolist()
     turns, current = [], []
     for label in [*labels, IGNORE_INDEX]:
         if label != IGNORE_INDEX:
@@ -202,18 +205,8 @@ def test_bad_samples_are_sample_errors(family_dirs):
 
 def test_paligemma_says_when_it_trains_only_a_conversations_first_question(adapters, caplog):
     adapter = adapters("paligemma")
-    sample = Sample(
-        id="chat",
-        image=image(2),
-        messages=[
-            {"role": "user", "content": "what color is the shape?"},
-            {"role": "assistant", "content": "red"},
-            {"role": "user", "content": "How many bars?"},
-            {"role": "assistant", "content": "42"},
-        ],
-    )
     with caplog.at_level("WARNING"):
-        labels = adapter.encode([sample])["labels"][0]
+        labels = adapter.encode([two_question_chat()])["labels"][0]
     answer = adapter.tokenizer.decode(labels[labels != IGNORE_INDEX], skip_special_tokens=True)
     assert answer.strip() == "red"
     assert "first question of a conversation only (sample chat has 2)" in caplog.text

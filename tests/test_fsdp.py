@@ -40,6 +40,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def train_fsdp_on_two_cpus(tmp_path: Path) -> None:
+    """`vlmkit train tmp_path/fsdp.yaml` under the shipped launch file, changed only to 2 CPU
+    processes in float32 (bf16 would not match a float32 single-process run)."""
+    launch = {**yaml.safe_load(FSDP_LAUNCH.read_text()), "num_processes": 2, "mixed_precision": "no"}
+    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(launch))
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "launch.yaml")),
+        *("--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())),
+        *("-m", "vlmkit", "train", str(tmp_path / "fsdp.yaml")),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_two_process_fsdp_equals_one_process_with_accumulation(tmp_path):
     """3 FSDP2 steps on 2 CPU processes == 1 process with gradient accumulation 2; model/ is whole."""
@@ -53,17 +68,7 @@ def test_two_process_fsdp_equals_one_process_with_accumulation(tmp_path):
     (tmp_path / "fsdp.yaml").write_text(
         yaml.safe_dump(dinov2_config(tmp_path, "fsdp", save_steps=2, **common))
     )
-    # The shipped launch file as it is, but for 2 CPU processes in float32 (bf16 would not match float32).
-    launch = {**yaml.safe_load(FSDP_LAUNCH.read_text()), "num_processes": 2, "mixed_precision": "no"}
-    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(launch))
-    command = [
-        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "launch.yaml")),
-        *("--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())),
-        *("-m", "vlmkit", "train", str(tmp_path / "fsdp.yaml")),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_fsdp_on_two_cpus(tmp_path)
 
     # It was FSDP, not a silent fallback to DDP: sharded checkpoints, and the units vlmkit's
     # `_no_split_modules` names (DINOv2 layers + embeddings, Qwen2 decoder layers) were wrapped.
@@ -86,8 +91,7 @@ def test_two_process_fsdp_equals_one_process_with_accumulation(tmp_path):
     # optimiser, scheduler, RNG, data position) and redoes step 3, ending with the same weights.
     shutil.rmtree(run / "checkpoint-3")
     (run / "model" / "model.safetensors").unlink()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_fsdp_on_two_cpus(tmp_path)
     assert json.loads((run / "metrics.json").read_text())["resumed_from"].endswith("checkpoint-2")
     resumed = load_file(run / "model" / "model.safetensors")
     for name, tensor in sharded.items():
@@ -119,16 +123,7 @@ def test_two_process_fsdp_lora_equals_one_process_and_saves_a_loadable_folder(tm
         parse_config(lora_config("single", gradient_accumulation_steps=2, save_strategy="no", **common))
     )
     (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(lora_config("fsdp", save_strategy="no", **common)))
-    launch = {**yaml.safe_load(FSDP_LAUNCH.read_text()), "num_processes": 2, "mixed_precision": "no"}
-    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(launch))
-    command = [
-        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "launch.yaml")),
-        *("--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())),
-        *("-m", "vlmkit", "train", str(tmp_path / "fsdp.yaml")),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_fsdp_on_two_cpus(tmp_path)
     model = tmp_path / "fsdp" / "model"
     assert "PeftModel" in json.loads((model.parent / "metrics.json").read_text())["fsdp_units"]
     ours, expected = (load_file(m / "adapter_model.safetensors") for m in (model, single.model_dir))
