@@ -118,19 +118,16 @@ def side_kernels(ref_model: nn.Module, requested: str | None) -> dict[str, str |
     """The LM attention kernel of each side: the reference keeps the family's default; vlmkit runs
     `requested` (model.speed.attention) or what its adapters run (never a kernel that drops Gemma
     2's attention soft-capping, which transformers 5.17 allows)."""
-    from vlmkit.models.attention import SOFTCAPPING_KERNELS, language_model_attention, soft_caps_attention
+    from vlmkit.models.attention import faithful_kernel, language_model_attention
 
     reference = language_model_attention(ref_model)
-    ours = requested or reference
-    if ours not in SOFTCAPPING_KERNELS and soft_caps_attention(ref_model):
-        ours = "eager"
-    return {"reference": reference, "vlmkit": ours}
+    return {"reference": reference, "vlmkit": faithful_kernel(ref_model, requested or reference)}
 
 
 def kernel_notes(ref_model: nn.Module, kernels: dict[str, str | None]) -> list[str]:
-    from vlmkit.models.attention import SOFTCAPPING_KERNELS, soft_caps_attention
+    from vlmkit.models.attention import drops_capping
 
-    if kernels["reference"] in SOFTCAPPING_KERNELS or not soft_caps_attention(ref_model):
+    if not drops_capping(ref_model, kernels["reference"]):
         return []
     return [
         f"the reference runs {kernels['reference']}, which this transformers lets Gemma 2 use although it "

@@ -41,8 +41,15 @@ def language_model_attention(model: nn.Module) -> str | None:
     return language_model_config(model)._attn_implementation
 
 
-def soft_caps_attention(model: nn.Module) -> bool:
-    return bool(getattr(language_model_config(model), "attn_logit_softcapping", None))
+def drops_capping(model: nn.Module, kernel: str | None) -> bool:
+    """Whether `kernel` would drop the language model's attention soft-capping (Gemma 2 on sdpa)."""
+    capped = bool(getattr(language_model_config(model), "attn_logit_softcapping", None))
+    return capped and kernel not in SOFTCAPPING_KERNELS
+
+
+def faithful_kernel(model: nn.Module, kernel: str | None) -> str | None:
+    """`kernel`, or eager where `kernel` would drop the attention soft-capping."""
+    return "eager" if drops_capping(model, kernel) else kernel
 
 
 def set_attention(model: nn.Module, implementation: str, *, keep_capping: bool = True) -> None:
@@ -58,7 +65,7 @@ def set_attention(model: nn.Module, implementation: str, *, keep_capping: bool =
             "model.speed.attention: flex_attention is for CUDA GPUs (on CPU, transformers' flex masks "
             "gave NaN at lengths that are not multiples of 128); use sdpa or eager here"
         )
-    if keep_capping and implementation not in SOFTCAPPING_KERNELS and soft_caps_attention(model):
+    if keep_capping and drops_capping(model, implementation):
         raise ConfigError(
             f"model.speed.attention: {implementation} cannot apply this language model's attention "
             "soft-capping (attn_logit_softcapping); use eager or flex_attention"
@@ -79,6 +86,6 @@ def set_attention(model: nn.Module, implementation: str, *, keep_capping: bool =
 def keep_softcapping(model: nn.Module) -> None:
     """Move a soft-capping LM off a kernel that would drop the capping (to eager)."""
     kernel = language_model_attention(model)
-    if kernel not in SOFTCAPPING_KERNELS and soft_caps_attention(model):
+    if drops_capping(model, kernel):
         logger.info("%s attention cannot soft-cap attention scores; the language model runs eager", kernel)
         set_attention(model, "eager")
