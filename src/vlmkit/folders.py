@@ -12,6 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def holds_model(folder: str | Path) -> bool:
+    """Whether `folder` is a model folder, whole or LoRA (what loaders and stage resume take)."""
+    return (Path(folder) / "config.json").is_file() or (Path(folder) / "adapter_config.json").is_file()
+
+
 def write_folder(out: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(staging)`, then put the staging folder at `out`, replacing what was there."""
     out = Path(out)

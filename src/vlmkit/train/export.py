@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.errors import ModelLoadError
-from vlmkit.folders import write_folder
+from vlmkit.folders import holds_model, write_folder
 from vlmkit.models.adapters import load_adapter
 from vlmkit.models.adapters.hf_base import is_peft_model
 from vlmkit.train.peft import is_lora_dir, lora_base
@@ -29,7 +29,7 @@ def model_dir_of(run_or_model_dir: Path) -> Path:
     """A run folder's final model (RUN/model), or the folder itself when it holds a model."""
     folder = Path(run_or_model_dir)
     for candidate in (folder, folder / "model"):
-        if (candidate / "config.json").is_file() or is_lora_dir(candidate):
+        if holds_model(candidate):
             return candidate
     raise ModelLoadError(
         f"{folder} holds no model (no config.json or adapter_config.json, nor a model/ folder)"

@@ -27,7 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from vlmkit.config import RunConfig, Stage
 from vlmkit.data.sample import Sample
 from vlmkit.data.sources import load_samples
-from vlmkit.folders import write_folder
+from vlmkit.folders import holds_model, write_folder
 from vlmkit.models.adapters import ModelAdapter, load_adapter
 from vlmkit.models.build import build_vlm
 from vlmkit.train.callbacks import MetricsRecorder, ProgressBar
@@ -259,8 +259,7 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
         stage_dir = run_dir if len(stages) == 1 else run_dir / f"{index + 1}-{stage.name}"
         stage_dir.mkdir(parents=True, exist_ok=True)
         finished = stage_dir / "model"
-        saved = (finished / "config.json").exists() or (finished / "adapter_config.json").exists()
-        if len(stages) > 1 and resume is not False and saved:
+        if len(stages) > 1 and resume is not False and holds_model(finished):
             logger.info("stage %s already finished; continuing from %s", stage.name, finished)
             adapter = load_adapter(finished, **_adapter_kwargs(config))
             result.stages.append(json.loads((stage_dir / "metrics.json").read_text()))
