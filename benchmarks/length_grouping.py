@@ -48,14 +48,13 @@ def main() -> None:
     ap.add_argument("--cases", default="demo,dinov2-224")
     ap.add_argument("--out", default=os.path.join(RESULTS, "length_grouping.json"))
     args = ap.parse_args()
-    args.attention, args.device, args.dtype, args.tiny = None, "cpu", "float32", False  # for build()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     samples = load_samples("easyvqa:train")
     texts = [m["content"] for s in samples for m in s.messages]
     results = []
     for case in args.cases.split(","):
-        adapter = build(case, texts, args)
+        adapter = build(case, texts)
         for turns in (None, 3):
             rows = merge_turns(samples, turns, 0) if turns else list(samples)
             batch = max(1, round(args.questions * len(rows) / len(samples)))

@@ -47,7 +47,15 @@ DINOV2_224 = {
 }
 
 
-def build(case: str, texts: list[str], args: argparse.Namespace) -> Any:
+def build(
+    case: str,
+    texts: list[str],
+    *,
+    tiny: bool = False,
+    attention: str | None = None,
+    device: torch.device = torch.device("cpu"),
+    dtype: torch.dtype = torch.float32,
+) -> Any:
     from pathlib import Path
 
     from vlmkit.cli import recipe_path
@@ -63,7 +71,7 @@ def build(case: str, texts: list[str], args: argparse.Namespace) -> Any:
             update={"vision": init.vision.model_copy(update={"config": DINOV2_224}), "image_size": 224}
         )
     elif case == "seed000":
-        vision, text = seed000_configs(args.tiny)
+        vision, text = seed000_configs(tiny)
         parts = {
             "vision": {"config": {**vision.to_dict(), "model_type": "dinov2"}},
             "language_model": {"config": {**text.to_dict(), "model_type": "gemma2"}},
@@ -74,10 +82,9 @@ def build(case: str, texts: list[str], args: argparse.Namespace) -> Any:
         # Gemma's 256k vocabulary, though the word tokenizer has ~40 words: the head's cost and
         # the embedding's optimiser state are those of the real model.
         adapter.model.language_model.resize_token_embeddings(text.vocab_size)
-    dev, dtype = device_and_dtype(args)
-    adapter.model.to(device=dev, dtype=dtype)
+    adapter.model.to(device=device, dtype=dtype)
     adapter.model.set_trainable(vision=not frozen_tower, projector=True, lm=True)
-    apply_speed(adapter, SpeedSpec(vision_feature_cache=frozen_tower, attention=args.attention))
+    apply_speed(adapter, SpeedSpec(vision_feature_cache=frozen_tower, attention=attention))
     return adapter
 
 
@@ -114,7 +121,8 @@ def timed_steps(
 
 def run_case(case: str, samples: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     texts = [m["content"] for s in samples for m in s.messages]
-    adapter = build(case, texts, args)
+    dev, dtype = device_and_dtype(args)
+    adapter = build(case, texts, tiny=args.tiny, attention=args.attention, device=dev, dtype=dtype)
     params = [p for p in adapter.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=adapter.model.device.type == "cuda")
     cuda = adapter.model.device.type == "cuda"
