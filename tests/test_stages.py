@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_LM, TINY_VISION
+from conftest import tiny_config
 from vlmkit.config import parse_config
 from vlmkit.data.sources import load_samples
 from vlmkit.errors import DataError
@@ -78,32 +78,25 @@ def test_llava_json_errors_name_the_record(tmp_path, change, message):
 def test_two_stages_freeze_what_they_say_and_chain(tmp_path):
     zebra = {**GOOD, "conversations": [GOOD["conversations"][0], {"from": "gpt", "value": "zebra"}]}
     data = llava_records(tmp_path, [{**GOOD, "id": f"c{i}"} for i in range(7)] + [{**zebra, "id": "z"}])
-    raw = {
-        "output_dir": str(tmp_path / "run"),
-        "model": {
-            "init": {
-                "vision": {"config": TINY_VISION},
-                "language_model": {"config": TINY_LM},
-                "image_size": 32,
-                "projector": "resampler",
-                "projector_kwargs": {"num_queries": 3},
-            }
+    stages = [
+        {
+            "name": "align",
+            "freeze": {"lm": True},
+            "data": {"train": {"source": "easyvqa", "split": "train", "limit": 16}},
         },
-        "training": {
-            "per_device_train_batch_size": 4,
-            "max_steps": 2,
-            "learning_rate": 1e-2,
-            "save_strategy": "no",
+        {"name": "instruct", "freeze": {"vision": True}, "data": {"train": data}},
+    ]
+    raw = tiny_config(
+        tmp_path,
+        **{
+            "model.init.projector": "resampler",
+            "model.init.projector_kwargs": {"num_queries": 3},
+            "training.per_device_train_batch_size": 4,
+            "training.learning_rate": 1e-2,
+            "training.save_strategy": "no",
+            "stages": stages,
         },
-        "stages": [
-            {
-                "name": "align",
-                "freeze": {"lm": True},
-                "data": {"train": {"source": "easyvqa", "split": "train", "limit": 16}},
-            },
-            {"name": "instruct", "freeze": {"vision": True}, "data": {"train": data}},
-        ],
-    }
+    )
     result = train(parse_config(raw))
     run = result.run_dir
     align = json.loads((run / "1-align" / "trainable.json").read_text())
