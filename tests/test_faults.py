@@ -51,8 +51,18 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "model" / "model.safetensors")
 
 
+@pytest.fixture
+def one_thread():
+    """In-process runs on one thread, as the killed subprocess (OMP_NUM_THREADS=1): a matmul's sums
+    are ordered by the thread count, so runs compared to the last bit must share it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, one_thread):
     long = {"max_steps": 40, "save_steps": 10}
     reference = train(parse_config(config(tmp_path, "straight", **long)))
     raw = config(tmp_path, "killed", **long)

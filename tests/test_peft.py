@@ -187,7 +187,7 @@ def test_qlora_loads_4bit_layers_trains_and_merges_unquantised(family_dirs, tmp_
 
     torch.manual_seed(0)
     quantization = QuantizationSpec(compute_dtype="float32")
-    adapter = load_adapter(family_dirs("paligemma"), quantization=quantization)
+    adapter = load_adapter(family_dirs("paligemma_4bit"), quantization=quantization)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in adapter.model.modules())
     apply_lora(adapter, LoraSpec(r=4), quantized=True)
     before = {n: p.detach().clone() for n, p in adapter.model.named_parameters() if "lora_B" in n}

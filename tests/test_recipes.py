@@ -103,7 +103,7 @@ def test_seed002_paligemma_vqav2_qlora(family_dirs, tmp_path):
     """QLoRA runs on CPU with bitsandbytes >= 0.45, so the quantization section stays in."""
     data = write_splits(write_vqav2_hf, tmp_path / "vqav2", ["train", "validation"], n=20)
     raw = shrink(read_yaml(recipe(RECIPES[1]).read_text()), tmp_path, data)
-    raw["model"]["pretrained"] = str(family_dirs("paligemma"))
+    raw["model"]["pretrained"] = str(family_dirs("paligemma_4bit"))
     result = train(parse_config(raw))
     check_run(result, raw)
     assert raw["model"]["quantization"]["bits"] == 4

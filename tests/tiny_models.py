@@ -73,11 +73,11 @@ QWEN_SPECIALS = [
 def tiny_text(hidden: int = 32) -> dict:
     return {
         "hidden_size": hidden,
-        "intermediate_size": 64,
+        "intermediate_size": 2 * hidden,
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
-        "head_dim": 16,
+        "head_dim": hidden // 2,
         "max_position_embeddings": 4096,
     }
 
@@ -88,8 +88,12 @@ def image(seed: int = 0, size: tuple[int, int] = (40, 32)) -> Image.Image:
     return Image.fromarray(pixels.numpy())
 
 
-def build_paligemma(out: Path, version: int = 1) -> Path:
-    """PaliGemma (Gemma text) or PaliGemma 2 (Gemma 2 text) with a SigLIP tower: 16 image tokens."""
+def build_paligemma(out: Path, version: int = 1, width: int = 32) -> Path:
+    """PaliGemma (Gemma text) or PaliGemma 2 (Gemma 2 text) with a SigLIP tower: 16 image tokens.
+
+    `width` 64 for 4-bit tests: on a CPU with AVX512-BF16, bitsandbytes' inference path (packed
+    weights) needs every layer's input width to be a multiple of its 64-value quantisation block,
+    as every real checkpoint's is; 32-wide layers crash there (`shape '[32, 0]' is invalid`)."""
     from transformers import (
         GemmaTokenizer,
         PaliGemmaConfig,
@@ -103,7 +107,7 @@ def build_paligemma(out: Path, version: int = 1) -> Path:
     image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32}, image_seq_length=16)
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     tokenizer = processor.tokenizer  # now with <image> and the <loc>/<seg> tokens
-    text = {**tiny_text(), "model_type": "gemma2" if version == 2 else "gemma", "vocab_size": len(tokenizer)}
+    text = {**tiny_text(width), "model_type": "gemma2" if version == 2 else "gemma", "vocab_size": len(tokenizer)}
     text.update(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -113,8 +117,8 @@ def build_paligemma(out: Path, version: int = 1) -> Path:
         text_config=text,
         vision_config={
             "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
             "image_size": 32,
@@ -122,8 +126,8 @@ def build_paligemma(out: Path, version: int = 1) -> Path:
         },
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vocab_size=len(tokenizer),
-        projection_dim=32,
-        hidden_size=32,
+        projection_dim=width,
+        hidden_size=width,
     )
     model = PaliGemmaForConditionalGeneration(config)
     model.save_pretrained(out)
@@ -264,6 +268,7 @@ def build_llava(out: Path) -> Path:
 BUILDERS = {
     "paligemma": lambda out: build_paligemma(out, 1),
     "paligemma2": lambda out: build_paligemma(out, 2),
+    "paligemma_4bit": lambda out: build_paligemma(out, 1, width=64),
     "qwen2_vl": lambda out: build_qwen2_vl(out, "qwen2_vl"),
     "qwen2_5_vl": lambda out: build_qwen2_vl(out, "qwen2_5_vl"),
     "llava": build_llava,

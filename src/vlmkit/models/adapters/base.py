@@ -81,6 +81,21 @@ class ModelAdapter(ABC):
             eos = self.tokenizer.eos_token_id
         return [eos] if isinstance(eos, int) else list(eos or [])
 
+    def generation_config(
+        self, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, **extra: Any
+    ) -> GenerationConfig:
+        """What `generate` hands the model's own `generate`: stop ids, padding, model.speed settings."""
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            top_k=None,
+            eos_token_id=self.stop_token_ids(),
+            pad_token_id=self.tokenizer.pad_token_id,
+            **{**self.generation_settings, **extra},
+        )
+
     @torch.inference_mode()
     def generate(
         self,
@@ -98,15 +113,8 @@ class ModelAdapter(ABC):
         batch = {k: v.to(self.device) for k, v in self.encode(samples, train=False).items()}
         if seed is not None:
             torch.manual_seed(seed)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            top_k=None,
-            eos_token_id=self.stop_token_ids(),
-            pad_token_id=self.tokenizer.pad_token_id,
-            **self.generation_settings,
+        config = self.generation_config(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
         )
         self.model.eval()
         output = self.model.generate(**batch, generation_config=config, streamer=streamer)
