@@ -38,7 +38,7 @@ TINY_DINOV2 = {
 
 
 def tiny_spec(**overrides):
-    from vlmkit.models.build import VLMSpec
+    from vlmkit.models.specs import VLMSpec
 
     fields = {
         "vision": {"config": TINY_VISION},

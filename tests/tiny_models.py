@@ -107,7 +107,11 @@ def build_paligemma(out: Path, version: int = 1, width: int = 32) -> Path:
     image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32}, image_seq_length=16)
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     tokenizer = processor.tokenizer  # now with <image> and the <loc>/<seg> tokens
-    text = {**tiny_text(width), "model_type": "gemma2" if version == 2 else "gemma", "vocab_size": len(tokenizer)}
+    text = {
+        **tiny_text(width),
+        "model_type": "gemma2" if version == 2 else "gemma",
+        "vocab_size": len(tokenizer),
+    }
     text.update(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

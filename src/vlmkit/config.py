@@ -17,7 +17,7 @@ from transformers import TrainingArguments
 
 from vlmkit.data.sources import DataSpec
 from vlmkit.errors import ConfigError
-from vlmkit.models.build import VLMSpec
+from vlmkit.models.specs import VLMSpec
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -28,6 +27,7 @@ except ImportError:  # pragma: no cover
 
 from vlmkit.errors import ConfigError
 from vlmkit.models.adapters.vlm import VLMAdapter
+from vlmkit.models.specs import VLMSpec
 from vlmkit.models.tokenizer import IMAGE_TOKEN, train_tokenizer
 from vlmkit.models.vision import load_vision_tower, vision_config_of
 from vlmkit.models.vlm import VisionLanguageModel, VLMConfig, register_auto_classes
@@ -40,54 +40,6 @@ PLAIN_TEMPLATE = (
     "{%- if m['role'] == 'assistant' -%}{{ m['content'] }}{{ eos_token }}\n"
     "{%- else -%}{{ m['content'] }}\n{% endif -%}{%- endfor -%}"
 )
-
-
-class PartSpec(BaseModel):
-    """A backbone from a config dict (`model_type` plus fields) or from `pretrained` weights."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    config: dict[str, Any] | None = None
-    pretrained: str | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> PartSpec:
-        if (self.config is None) == (self.pretrained is None):
-            raise ValueError("give exactly one of `config` (random init) or `pretrained` (path or hub id)")
-        if self.config is not None and "model_type" not in self.config:
-            raise ValueError("a part's `config` needs a `model_type` (e.g. dinov2, resnet, qwen2, gemma2)")
-        return self
-
-
-class TokenizerSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    pretrained: str | None = None
-    kind: Literal["word", "bpe"] = "word"
-    vocab_size: int = Field(default=8000, ge=16)
-    lowercase: bool = True
-    chat_template: str | None = None
-
-
-class VLMSpec(BaseModel):
-    """How to compose a VisionLanguageModel; every field maps onto VLMConfig or a part."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    vision: PartSpec
-    language_model: PartSpec
-    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
-    projector: str = "linear"
-    projector_hidden_size: int | None = None
-    projector_dropout: float = 0.0
-    projector_kwargs: dict[str, Any] = Field(default_factory=dict)
-    feature_layer: int = -1
-    feature_select: Literal["cls_patch", "patch", "cls"] = "cls_patch"
-    image_size: int = 224
-    image_placement: Literal["before_text", "after_text"] = "before_text"
-    image_mean: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5])
-    image_std: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5])
-    dropout: float | None = None  # sets the LM's attention/hidden dropout where its config has one
 
 
 def build_tokenizer(spec: VLMSpec, texts: Iterable[str] | None) -> PreTrainedTokenizerBase:

@@ -24,7 +24,7 @@ from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 from vlmkit.config import TRAINING_KEYS, Strict, _rename_aliases, read_config_file, read_yaml, validate
 from vlmkit.data.sources import DataSpec
-from vlmkit.models.build import TokenizerSpec
+from vlmkit.models.specs import TokenizerSpec
 
 # Set from the tokenizer so that the text tower pools at the EOS the tokenizer appends.
 TOKENIZER_OWNED = ("vocab_size", "eos_token_id", "bos_token_id", "pad_token_id")

@@ -82,7 +82,13 @@ class ModelAdapter(ABC):
         return [eos] if isinstance(eos, int) else list(eos or [])
 
     def generation_config(
-        self, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, **extra: Any
+        self,
+        *,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        **extra: Any,
     ) -> GenerationConfig:
         """What `generate` hands the model's own `generate`: stop ids, padding, model.speed settings."""
         return GenerationConfig(
