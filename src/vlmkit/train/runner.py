@@ -33,7 +33,13 @@ from vlmkit.models.build import build_vlm
 from vlmkit.train.callbacks import MetricsRecorder, ProgressBar
 from vlmkit.train.collate import BadSampleLog, Collator, SampleDataset
 from vlmkit.train.levers import apply_speed
-from vlmkit.train.trainer import CheckpointWriteError, VlmkitTrainer, describe_os_error, fsdp_units
+from vlmkit.train.trainer import (
+    CheckpointWriteError,
+    VlmkitTrainer,
+    check_finite,
+    describe_os_error,
+    fsdp_units,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +174,7 @@ def train_stage(
         questions_per_image=(stage.data or config.data).questions_per_image,
         sample_lengths=adapter.sample_lengths,
         on_nonfinite=config.guard.on_nonfinite,
+        max_consecutive_skips=config.guard.max_consecutive_skips,
         model=adapter.model,
         args=args,
         train_dataset=SampleDataset(samples),
@@ -269,6 +276,7 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
         result.stages.append(summary)
         sharded = weights is not None
         if (len(stages) > 1 or sharded) and process.is_main_process:
+            check_finite(adapter.model, f"{finished}")
             write_folder(finished, functools.partial(adapter.save, state_dict=weights))
         del weights
         process.wait_for_everyone()
@@ -278,6 +286,7 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
     if not process.is_main_process:
         return result
     if len(stages) > 1 or not sharded:  # else the one stage's model is written already
+        check_finite(adapter.model, f"{result.model_dir}")
         write_folder(result.model_dir, adapter.save)
     result.bad_samples = bad_samples.count()
     if result.bad_samples:
