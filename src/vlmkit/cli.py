@@ -59,6 +59,9 @@ def train(
     resume: Annotated[
         bool | None, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint")
     ] = None,
+    accept_changes: Annotated[
+        bool, typer.Option("--accept-changes", help="Resume even though the config or data changed")
+    ] = False,
 ) -> None:
     """Train (or fine-tune) a model from a run config (a VLM, or a CLIP model with `task: clip`)."""
     from vlmkit.config import load_config
@@ -73,7 +76,7 @@ def train(
         console.print(f"CLIP model written to [bold]{escape(str(run_dir / 'model'))}[/bold]")
         return
     run_config = load_config(config, set_ or [])
-    result = run_training(run_config, resume=resume, command=command_line())
+    result = run_training(run_config, resume=resume, command=command_line(), accept_changes=accept_changes)
     console.print(f"model written to [bold]{escape(str(result.model_dir))}[/bold]")
     if result.eval_summary:
         print_eval_summary(result.eval_summary)

@@ -15,6 +15,7 @@ import errno
 import logging
 import math
 import os
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -46,12 +47,92 @@ class CheckpointWriteError(VlmkitError):
     """A checkpoint could not be written (disk full, permissions)."""
 
 
-def describe_os_error(error: OSError, where: Path) -> str:
-    if error.errno == errno.ENOSPC:
-        return f"disk full while writing {where}; free space or set training.save_total_limit lower"
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"no permission to write {where}; choose a writable output_dir"
-    return f"could not write {where} ({error.strerror or error}); check the disk and output_dir"
+def describe_os_error(
+    error: OSError, where: Path, needed: int | None = None, advice: str | None = None
+) -> str:
+    """One line for a failed write: the folder, the bytes needed where known, and a fix that helps."""
+    return describe_write_error(error.errno, str(error.strerror or error), where, needed, advice)
+
+
+def describe_write_error(
+    code: int | None, detail: str, where: Path, needed: int | None = None, advice: str | None = None
+) -> str:
+    if code == errno.ENOSPC or code == errno.EDQUOT:
+        free = free_bytes(where)
+        sizes = ", ".join(
+            part
+            for part in (
+                f"needs about {megabytes(needed)}" if needed else "",
+                f"{megabytes(free)} free" if free is not None else "",
+            )
+            if part
+        )
+        return (
+            f"disk full while writing {where}"
+            + (f" ({sizes})" if sizes else "")
+            + (f"; {advice or 'free space there or choose another output_dir'}")
+        )
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        kind = "read-only file system" if code == errno.EROFS else "no permission"
+        return f"{kind}: cannot write {where}; choose a writable output_dir or fix the folder's permissions"
+    return f"could not write {where} ({detail}); check the disk and output_dir"
+
+
+def write_error(
+    error: BaseException, where: Path, needed: int | None = None, advice: str | None = None
+) -> CheckpointWriteError | None:
+    """The one-line error for an exception raised while writing `where`, or None when it is not one.
+
+    Writes fail as OSError (Python), RuntimeError (torch.save: "file write failed", no errno) or
+    SafetensorError ("... (os error 28)"); the errno comes from the exception, its text, or failing
+    that from the free space left."""
+    if isinstance(error, VlmkitError):
+        return None
+    if isinstance(error, OSError) and error.errno is not None:
+        return CheckpointWriteError(describe_os_error(error, where, needed, advice))
+    text = str(error)
+    found = re.search(r"os error (\d+)|\[Errno (\d+)\]|Os \{ code: (\d+)", text)
+    if found:
+        code: int | None = int(next(g for g in found.groups() if g))
+    elif "No space left" in text:
+        code = errno.ENOSPC
+    elif isinstance(error, RuntimeError) and re.search(
+        r"write failed|failed writing|PytorchStreamWriter", text
+    ):
+        free = free_bytes(where)
+        code = errno.ENOSPC if free is not None and free < max(needed or 0, 1 << 20) else None
+    elif type(error).__name__ == "SafetensorError" or isinstance(error, OSError):
+        code = None
+    else:
+        return None
+    detail = text.strip().splitlines()[-1][:200] if text.strip() else type(error).__name__
+    return CheckpointWriteError(describe_write_error(code, detail, where, needed, advice))
+
+
+def free_bytes(where: Path) -> int | None:
+    """Free space on the file system holding `where` (its nearest existing parent)."""
+    for folder in [where, *where.parents]:
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def megabytes(count: int | None) -> str:
+    return f"{(count or 0) / 1e6:.1f} MB"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def state_bytes(model: torch.nn.Module, optimizer: bool = True) -> int:
+    """About what a checkpoint of `model` takes: weights, and AdamW's two moments for trainable ones."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights + (2 * trainable if optimizer else 0)
 
 
 class VlmkitTrainer(Trainer):
@@ -228,12 +309,19 @@ class VlmkitTrainer(Trainer):
         final_root = Path(self._get_output_dir(trial=trial))
         staging_root = final_root / STAGING
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        needed = self._checkpoint_bytes(final_root)
+        if self.args.should_save:
+            self._make_room(final_root, needed)
         original = self._get_output_dir
         self._get_output_dir = lambda trial=None: str(staging_root)  # type: ignore[method-assign]
         try:
             super()._save_checkpoint(model, trial)
-        except OSError as error:
-            raise CheckpointWriteError(describe_os_error(error, staging_root / name)) from None
+        except Exception as error:
+            failure = write_error(error, final_root / name, needed, self._space_advice())
+            if failure is None:
+                raise
+            shutil.rmtree(staging_root, ignore_errors=True)  # leave no half checkpoint behind
+            raise failure from None
         finally:
             self._get_output_dir = original  # type: ignore[method-assign]
         self.accelerator.wait_for_everyone()
@@ -255,6 +343,43 @@ class VlmkitTrainer(Trainer):
                 use_mtime=False,
             )
         self.accelerator.wait_for_everyone()
+
+    def _checkpoint_bytes(self, root: Path) -> int:
+        """What the next checkpoint will take: the newest one's size, or an estimate from the model."""
+        existing = [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()]
+        if existing:
+            return folder_bytes(max(existing, key=lambda p: p.stat().st_mtime))
+        return state_bytes(self.model, optimizer=not self.args.save_only_model)
+
+    def _make_room(self, root: Path, needed: int) -> None:
+        """When the disk cannot hold one more checkpoint, delete the oldest that rotation would delete
+        after it anyway (keeping the newest), so `save_total_limit` bounds the space a run needs."""
+        limit = self.args.save_total_limit
+        free = free_bytes(root)
+        if not limit or free is None or free >= needed * 1.05:
+            return
+        existing = sorted(
+            (
+                p
+                for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                if p.is_dir() and p.name.split("-")[-1].isdigit()
+            ),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        best = self.state.best_model_checkpoint
+        removable = [p for p in existing[: max(len(existing) - max(limit - 1, 1), 0)] if str(p) != best]
+        for old in removable:
+            logger.info("disk nearly full: removing %s before writing the next checkpoint", old)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _space_advice(self) -> str:
+        limit = self.args.save_total_limit
+        if limit is None or limit > 1:
+            return (
+                f"free space there, or set training.save_total_limit lower (now {limit}; old checkpoints "
+                "are removed first when space is short)"
+            )
+        return "free space there, choose another output_dir, or set training.save_only_model: true"
 
 
 def tied_names(model: torch.nn.Module) -> set[str]:
