@@ -159,9 +159,8 @@ def test_torch_save_runtime_error_on_a_full_disk_is_one_line(tmp_path, monkeypat
 
 
 def test_safetensors_error_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
-    from safetensors import SafetensorError
-
     import transformers.modeling_utils as modeling
+    from safetensors import SafetensorError
 
     def full(*args, **kwargs):
         raise SafetensorError(
