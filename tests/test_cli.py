@@ -420,3 +420,18 @@ def test_plan_prints_memory_for_a_local_recipe(tmp_path, monkeypatch, capsys):
 def test_serve_refuses_a_folder_that_is_not_a_model(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "serve", "--model", str(tmp_path), "--port", "0")
     assert_one_line_error(code, err, "not a model folder")
+
+
+def test_error_text_with_brackets_reaches_the_user_whole(tmp_path, monkeypatch, capsys):
+    """Rich would take `[easyvqa-train-40, ...]` or `stages[what]` for markup and drop it."""
+    from vlmkit.errors import ConfigError
+
+    def fail(*args, **kwargs):
+        raise ConfigError(
+            "loss is nan at step 3 on samples [easyvqa-train-40, easyvqa-train-7]; see stages[what]"
+        )
+
+    monkeypatch.setattr(cli, "recipe_path", fail)
+    code, _out, err = run_cli(monkeypatch, capsys, "train", str(tmp_path / "x.yaml"))
+    assert code == 2
+    assert "[easyvqa-train-40, easyvqa-train-7]" in err and "stages[what]" in err

@@ -125,7 +125,7 @@ def test_a_crash_while_writing_the_model_leaves_no_model_folder(tmp_path, monkey
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(VLMAdapter, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(VlmkitError, match=r"disk full while writing \S+crash/model \(needs about 0\.\d MB"):
         train(parse_config(config(tmp_path, "crash", max_steps=1, save_strategy="no")))
     run = tmp_path / "crash"
     assert not (run / "model").exists() and not list(run.glob(".model*"))
@@ -148,8 +148,8 @@ def test_a_rewritten_folder_replaces_the_old_one_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or previous left
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_nonfinite_loss_stops_or_skips_naming_step_and_samples(tmp_path, monkeypatch, policy):
+def poison_forward(monkeypatch, calls_poisoned) -> None:
+    """Make the loss NaN on the forward calls numbered in `calls_poisoned` (1-based; a callable or a set)."""
     from vlmkit.models.vlm import VisionLanguageModel
 
     original = VisionLanguageModel.forward
@@ -158,21 +158,79 @@ def test_nonfinite_loss_stops_or_skips_naming_step_and_samples(tmp_path, monkeyp
     def poisoned(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3 and out.loss is not None:
+        hit = calls_poisoned(calls["n"]) if callable(calls_poisoned) else calls["n"] in calls_poisoned
+        if hit and out.loss is not None:
             out.loss = out.loss * float("nan")
         return out
 
     monkeypatch.setattr(VisionLanguageModel, "forward", poisoned)
-    raw = config(tmp_path, f"nan-{policy}", max_steps=4, save_strategy="no")
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss_stops_or_skips_naming_step_and_samples(tmp_path, monkeypatch, policy):
+    poison_forward(monkeypatch, {3})
+    raw = config(tmp_path, f"nan-{policy}", max_steps=4, save_steps=4, save_total_limit=None)
     raw["guard"] = {"on_nonfinite": policy}
     if policy == "stop":
         with pytest.raises(VlmkitError, match=r"loss is nan at step 3 on samples \[easyvqa-train-"):
             train(parse_config(raw))
+        assert not (tmp_path / raw["name"] / "model").exists()
     else:
         result = train(parse_config(raw))
         metrics = json.loads((result.run_dir / "metrics.json").read_text())
         assert metrics["skipped_nonfinite_steps"] == [3]
         assert all(torch.isfinite(t).all() for t in weights(result.run_dir).values())
+        # the skipped step moved nothing: AdamW stepped 3 times of 4, the scheduler too
+        checkpoint = result.run_dir / "checkpoint-4"
+        optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        assert {int(s["step"]) for s in optimizer["state"].values()} == {3}
+        assert torch.load(checkpoint / "scheduler.pt", weights_only=True)["last_epoch"] == 3
+
+
+def test_a_skipped_step_leaves_weights_and_moments_as_they_were(tmp_path, monkeypatch):
+    """Steps 1-2 then a NaN step 3 == steps 1-2: the checkpoint after the skip equals the one before."""
+    poison_forward(monkeypatch, {3})
+    raw = config(tmp_path, "skip", max_steps=3, save_steps=1, save_total_limit=None, learning_rate=1e-2)
+    raw["guard"] = {"on_nonfinite": "skip"}
+    run = train(parse_config(raw)).run_dir
+    before, after = run / "checkpoint-2", run / "checkpoint-3"
+    a, b = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
+    trainable = [n for n in a if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(a[n], b[n]) for n in trainable)
+    opt_a = torch.load(before / "optimizer.pt", weights_only=True)["state"]
+    opt_b = torch.load(after / "optimizer.pt", weights_only=True)["state"]
+    for key, state in opt_a.items():
+        assert torch.equal(state["exp_avg"], opt_b[key]["exp_avg"])
+        assert torch.equal(state["exp_avg_sq"], opt_b[key]["exp_avg_sq"])
+
+
+def test_persistent_nonfinite_loss_stops_after_n_skips_and_writes_no_model(tmp_path, monkeypatch):
+    poison_forward(monkeypatch, lambda n: n >= 2)
+    raw = config(tmp_path, "diverged", max_steps=8, save_strategy="no")
+    raw["guard"] = {"on_nonfinite": "skip", "max_consecutive_skips": 3}
+    with pytest.raises(VlmkitError, match=r"3 steps in a row skipped .*step 4 on samples \[easyvqa-train-"):
+        train(parse_config(raw))
+    assert not (tmp_path / "diverged" / "model").exists()
+
+
+def test_a_model_with_nonfinite_weights_is_never_written(tmp_path, monkeypatch):
+    """Weights that overflowed without a non-finite loss (the step that made them) are refused at save."""
+    from vlmkit.train.trainer import VlmkitTrainer
+
+    original = VlmkitTrainer._maybe_log_save_evaluate
+
+    def overflow(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            with torch.no_grad():
+                next(p for p in self.model.parameters() if p.requires_grad).fill_(float("inf"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VlmkitTrainer, "_maybe_log_save_evaluate", overflow)
+    raw = config(tmp_path, "inf", max_steps=2, save_steps=2)
+    with pytest.raises(VlmkitError, match=r"not writing checkpoint-2: \d+ tensors hold NaN/inf"):
+        train(parse_config(raw))
+    run = tmp_path / "inf"
+    assert not list(run.glob("checkpoint-*")) and not (run / "model").exists()
 
 
 def test_unwritable_output_dir_is_a_clear_error(tmp_path):

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vlmkit.errors import VlmkitError
@@ -41,13 +42,13 @@ def recipe_path(config: Path) -> Path:
 
 
 def print_eval_summary(summary: dict) -> None:
-    table = Table(title=f"{summary['data']} — {summary['metric']}")
+    table = Table(title=escape(f"{summary['data']} — {summary['metric']}"))
     table.add_column("group")
     table.add_column("n", justify="right")
     table.add_column("score", justify="right")
     table.add_row("all", str(summary["n"]), f"{summary['score']:.4f}")
     for name, row in summary.get("by_question_type", {}).items():
-        table.add_row(name, str(row["n"]), f"{row['score']:.4f}")
+        table.add_row(escape(str(name)), str(row["n"]), f"{row['score']:.4f}")
     console.print(table)
 
 
@@ -58,6 +59,9 @@ def train(
     resume: Annotated[
         bool | None, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint")
     ] = None,
+    accept_changes: Annotated[
+        bool, typer.Option("--accept-changes", help="Resume even though the config or data changed")
+    ] = False,
 ) -> None:
     """Train (or fine-tune) a model from a run config (a VLM, or a CLIP model with `task: clip`)."""
     from vlmkit.config import load_config
@@ -69,11 +73,11 @@ def train(
         from vlmkit.train.clip import load_clip_config, train_clip
 
         run_dir = train_clip(load_clip_config(config, set_ or []), resume=resume, command=command_line())
-        console.print(f"CLIP model written to [bold]{run_dir / 'model'}[/bold]")
+        console.print(f"CLIP model written to [bold]{escape(str(run_dir / 'model'))}[/bold]")
         return
     run_config = load_config(config, set_ or [])
-    result = run_training(run_config, resume=resume, command=command_line())
-    console.print(f"model written to [bold]{result.model_dir}[/bold]")
+    result = run_training(run_config, resume=resume, command=command_line(), accept_changes=accept_changes)
+    console.print(f"model written to [bold]{escape(str(result.model_dir))}[/bold]")
     if result.eval_summary:
         print_eval_summary(result.eval_summary)
 
@@ -141,7 +145,7 @@ def eval_(
         command=command_line(),
     )
     print_eval_summary(summary)
-    console.print(f"predictions and summary in [bold]{out}[/bold]")
+    console.print(f"predictions and summary in [bold]{escape(str(out))}[/bold]")
 
 
 @app.command()
@@ -155,12 +159,12 @@ def compare(
 
     out = out or eval_b / f"compare-vs-{eval_a.name}"
     result = compare_evals(eval_a, eval_b, out)
-    table = Table(title=f"{eval_a} vs {eval_b}")
+    table = Table(title=escape(f"{eval_a} vs {eval_b}"))
     for column in ("", "A", "B", "B - A (95% CI)"):
         table.add_column(column)
     diff = result["difference"]
     table.add_row(
-        result["metric"],
+        escape(str(result["metric"])),
         f"{result['a']['score']:.4f}",
         f"{result['b']['score']:.4f}",
         f"{diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}]",
@@ -169,7 +173,7 @@ def compare(
     console.print(
         f"flips: {result['flips']['wrong_to_right']} wrong->right, {result['flips']['right_to_wrong']} right->wrong"
     )
-    console.print(f"report in [bold]{out}[/bold]")
+    console.print(f"report in [bold]{escape(str(out))}[/bold]")
 
 
 @app.command()
@@ -187,14 +191,14 @@ def chat(
     load_image(image)
     adapter = load_adapter(model)
     if question is not None:
-        console.print(answer(adapter, image, [], question, max_new_tokens))
+        console.print(escape(answer(adapter, image, [], question, max_new_tokens)))
         return
     console.print("Ask about the image; an empty line or 'exit' ends.")
     chat_loop(
         adapter,
         image,
         read=lambda: console.input("[bold]you>[/bold] "),
-        write=console.print,
+        write=lambda text: console.print(escape(str(text))),
         max_new_tokens=max_new_tokens,
     )
 
@@ -215,8 +219,10 @@ def demo(
     if result.eval_summary:
         print_eval_summary(result.eval_summary)
         show_examples(result.run_dir / "eval" / "predictions.jsonl")
-    console.print(f"\nmodel: [bold]{result.model_dir}[/bold]")
-    console.print(f"try:   vlmkit chat --model {result.model_dir} --image <a 64x64 easy-VQA png>")
+    console.print(f"\nmodel: [bold]{escape(str(result.model_dir))}[/bold]")
+    console.print(
+        f"try:   vlmkit chat --model {escape(str(result.model_dir))} --image <a 64x64 easy-VQA png>"
+    )
 
 
 data_app = typer.Typer(help="Data tools.", no_args_is_help=True)
@@ -233,7 +239,7 @@ def to_shards(
     from vlmkit.data.shards import to_shards as write
 
     paths = write(data, out, shard_size)
-    console.print(f"wrote {len(paths)} shard(s) to [bold]{out}[/bold]")
+    console.print(f"wrote {len(paths)} shard(s) to [bold]{escape(str(out))}[/bold]")
 
 
 @app.command()
@@ -267,7 +273,7 @@ def export(
         raise ConfigError(
             "only --merge export is implemented; the run's model/ folder already holds the adapters"
         )
-    console.print(f"merged model written to [bold]{export_merged(run, out)}[/bold]")
+    console.print(f"merged model written to [bold]{escape(str(export_merged(run, out)))}[/bold]")
 
 
 @app.command()
@@ -282,7 +288,11 @@ def plan(
     from vlmkit.train.plan import format_plan, plan_memory
 
     console.print(
-        format_plan(plan_memory(load_config(recipe_path(config), set_ or []), gpus=gpus, strategy=strategy))
+        escape(
+            format_plan(
+                plan_memory(load_config(recipe_path(config), set_ or []), gpus=gpus, strategy=strategy)
+            )
+        )
     )
 
 
@@ -295,7 +305,7 @@ def show_examples(predictions: Path, count: int = 6) -> None:
         table.add_column(column)
     for row in rows:
         mark = "" if row["score"] == 1 else " ✗"
-        table.add_row(row["question"], row["prediction"] + mark, row["answers"][0])
+        table.add_row(escape(row["question"]), escape(row["prediction"]) + mark, escape(row["answers"][0]))
     console.print(table)
 
 
@@ -306,7 +316,7 @@ def main() -> None:
     try:
         app()
     except VlmkitError as error:
-        err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
 
 

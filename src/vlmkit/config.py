@@ -164,6 +164,8 @@ class GuardSection(Strict):
     """What a NaN/inf loss or gradient norm does: stop the run, or skip that optimiser step."""
 
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # With `skip`: this many skipped steps in a row mean the run has diverged, and it stops.
+    max_consecutive_skips: int = Field(default=5, ge=1)
 
 
 class Stage(Strict):

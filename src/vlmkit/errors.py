@@ -8,6 +8,19 @@ class VlmkitError(Exception):
 
     exit_code = 2
 
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(from_worker(a) if isinstance(a, str) else a for a in args))
+
+
+def from_worker(message: str) -> str:
+    """A DataLoader worker's error, re-raised by torch as "Caught X in DataLoader worker process 0.
+    Original Traceback ...", back to its own one line (the traceback's last line)."""
+    if not message.startswith("Caught ") or "Original Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    _, sep, text = last.partition(": ")
+    return text if sep else last
+
 
 class ConfigError(VlmkitError):
     """A run config that cannot be used as written."""

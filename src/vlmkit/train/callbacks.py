@@ -59,6 +59,13 @@ class MetricsRecorder(TrainerCallback):
     def __init__(self) -> None:
         self.history: list[dict[str, Any]] = []
 
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        """A resumed run keeps the history its checkpoint recorded, so metrics.json covers every step."""
+        if state.is_world_process_zero and not self.history:
+            self.history = [{"step": row.get("step"), **row} for row in state.log_history]
+
     def on_log(
         self,
         args: TrainingArguments,

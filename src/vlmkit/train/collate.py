@@ -40,11 +40,19 @@ class BadSampleLog:
         self.path = path
 
     def record(self, error: SampleError) -> None:
+        """Record a sample once per run, however many epochs (or resumes) meet it again."""
+        if error.sample_id in self.ids():
+            return
         with self.path.open("a") as handle:
             handle.write(json.dumps({"id": error.sample_id, "reason": error.reason}) + "\n")
 
+    def ids(self) -> set[str]:
+        if not self.path.exists():
+            return set()
+        return {json.loads(line)["id"] for line in self.path.read_text().splitlines() if line.strip()}
+
     def count(self) -> int:
-        return sum(1 for _ in self.path.open()) if self.path.exists() else 0
+        return len(self.ids())
 
 
 class Collator:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,6 @@ import torch
 import yaml
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from vlmkit.config import RunConfig, Stage
 from vlmkit.data.sample import Sample
@@ -33,7 +33,26 @@ from vlmkit.models.build import build_vlm
 from vlmkit.train.callbacks import MetricsRecorder, ProgressBar
 from vlmkit.train.collate import BadSampleLog, Collator, SampleDataset
 from vlmkit.train.levers import apply_speed
-from vlmkit.train.trainer import CheckpointWriteError, VlmkitTrainer, describe_os_error, fsdp_units
+from vlmkit.train.run_folder import (
+    RunLock,
+    check_resume,
+    checkpoints,
+    fingerprint,
+    fingerprint_changes,
+    last_complete_checkpoint,
+    no_complete_checkpoint,
+    write_fingerprint,
+)
+from vlmkit.train.trainer import (
+    STAGING,
+    CheckpointWriteError,
+    VlmkitTrainer,
+    check_finite,
+    describe_os_error,
+    fsdp_units,
+    state_bytes,
+    write_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +187,7 @@ def train_stage(
         questions_per_image=(stage.data or config.data).questions_per_image,
         sample_lengths=adapter.sample_lengths,
         on_nonfinite=config.guard.on_nonfinite,
+        max_consecutive_skips=config.guard.max_consecutive_skips,
         model=adapter.model,
         args=args,
         train_dataset=SampleDataset(samples),
@@ -176,13 +196,27 @@ def train_stage(
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    checkpoint = get_last_checkpoint(str(stage_dir)) if resume is not False else None
-    if resume and checkpoint is None:
-        logger.info("no checkpoint in %s; starting from scratch", stage_dir)
+    checkpoint = None
+    if trainer_is_main():
+        shutil.rmtree(stage_dir / STAGING, ignore_errors=True)  # a checkpoint a crash left half-written
+    if resume is not False:
+        found = last_complete_checkpoint(
+            stage_dir, needs_optimizer=not args.save_only_model, set_aside=trainer_is_main()
+        )
+        checkpoint = str(found) if found is not None else None
+        if checkpoint is None and (checkpoints(stage_dir) or any(stage_dir.glob("damaged-checkpoint-*"))):
+            raise no_complete_checkpoint(stage_dir)
+        if resume and checkpoint is None:
+            logger.info("no checkpoint in %s; starting from scratch", stage_dir)
+        if checkpoint is not None:
+            logger.info("stage %s: resuming from %s", stage.name, checkpoint)
     try:
         output = trainer.train(resume_from_checkpoint=checkpoint)
-    except OSError as error:
-        raise CheckpointWriteError(describe_os_error(error, stage_dir)) from None
+    except Exception as error:
+        failure = write_error(error, stage_dir)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         progress.close()  # so an error message starts on its own line
     summary = {
@@ -231,16 +265,73 @@ def check_merged_turns(config: RunConfig, stages: list[Stage]) -> None:
         )
 
 
-def train(config: RunConfig, *, resume: bool | None = None, command: str | None = None) -> TrainResult:
-    """Run every stage of `config`; returns where the final model and metrics were written."""
+def train(
+    config: RunConfig, *, resume: bool | None = None, command: str | None = None, accept_changes: bool = False
+) -> TrainResult:
+    """Run every stage of `config`; returns where the final model and metrics were written.
+
+    The run folder is locked for the run (a second run there refuses), and resume continues only a
+    folder whose fingerprint matches this config and data (`accept_changes` overrides that)."""
+    from accelerate import PartialState
+
+    run_dir = config.run_dir()
+    lock = None
+    try:
+        make_run_dir(run_dir)
+        if PartialState().is_main_process:
+            lock = RunLock(run_dir).acquire()
+        return _train_run(config, resume=resume, command=command, accept_changes=accept_changes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def write_model(folder: Path, write: Any, adapter: ModelAdapter) -> None:
+    """`write_folder`, with a full disk or a read-only folder as one line (nothing half-written stays)."""
+    try:
+        write_folder(folder, write)
+    except Exception as error:
+        failure = write_error(error, folder, state_bytes(adapter.model, optimizer=False))
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def make_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise CheckpointWriteError(describe_os_error(error, run_dir)) from None
+
+
+def finished_run(config: RunConfig, run_dir: Path) -> TrainResult:
+    """The result of a run that already finished with this config and data: nothing is rewritten."""
+    result = TrainResult(run_dir=run_dir, model_dir=run_dir / "model")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    result.stages = metrics.get("stages") or [metrics]
+    result.bad_samples = metrics.get("bad_samples", 0)
+    summary = run_dir / "eval" / "summary.json"
+    if config.data.eval is not None and summary.is_file():
+        result.eval_summary = json.loads(summary.read_text())
+    logger.warning(
+        "%s already finished with this config and data; nothing trained or written (model in %s; "
+        "pass --no-resume to train it again)",
+        run_dir,
+        result.model_dir,
+    )
+    return result
+
+
+def _train_run(
+    config: RunConfig, *, resume: bool | None, command: str | None, accept_changes: bool
+) -> TrainResult:
     from accelerate import PartialState
 
     process = PartialState()  # under `accelerate launch`/torchrun only the main process writes files
     run_dir = config.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if process.is_main_process:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        (run_dir / "run.json").write_text(json.dumps(run_metadata(config, command), indent=2))
     set_seed(config.seed)
     stages = config.resolved_stages()
     missing = [stage.name for stage in stages if not (stage.data and stage.data.train)]
@@ -251,6 +342,22 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
         raise ConfigError(f"no training data{where}: set data.train (e.g. easyvqa:train)")
     check_merged_turns(config, stages)
     train_sets = [load_samples(stage.data.train) for stage in stages]  # type: ignore[union-attr]
+    resolved = config.model_dump(mode="json")
+    current = fingerprint(resolved, train_sets)
+    recorded = check_resume(run_dir, current, resume=resume, accept_changes=accept_changes)
+    done = recorded and recorded.get("finished") and not fingerprint_changes(recorded, current)
+    if done and holds_model(run_dir / "model") and (run_dir / "metrics.json").is_file():
+        return finished_run(config, run_dir)
+    if process.is_main_process:
+        try:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            (run_dir / "run.json").write_text(json.dumps(run_metadata(config, command), indent=2))
+            write_fingerprint(run_dir, current, finished=False)
+            if recorded is None:
+                (run_dir / "bad_samples.jsonl").unlink(missing_ok=True)  # a fresh run counts afresh
+        except OSError as error:
+            raise CheckpointWriteError(describe_os_error(error, run_dir)) from None
+    process.wait_for_everyone()
     adapter = build_model(config, train_sets if config.model.init is not None else None)
     bad_samples = BadSampleLog(run_dir / "bad_samples.jsonl")
     result = TrainResult(run_dir=run_dir, model_dir=run_dir / "model")
@@ -269,7 +376,8 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
         result.stages.append(summary)
         sharded = weights is not None
         if (len(stages) > 1 or sharded) and process.is_main_process:
-            write_folder(finished, functools.partial(adapter.save, state_dict=weights))
+            check_finite(adapter.model, f"{finished}")
+            write_model(finished, functools.partial(adapter.save, state_dict=weights), adapter)
         del weights
         process.wait_for_everyone()
         if sharded and (process.is_main_process or index + 1 < len(stages)):
@@ -278,7 +386,8 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
     if not process.is_main_process:
         return result
     if len(stages) > 1 or not sharded:  # else the one stage's model is written already
-        write_folder(result.model_dir, adapter.save)
+        check_finite(adapter.model, f"{result.model_dir}")
+        write_model(result.model_dir, adapter.save, adapter)
     result.bad_samples = bad_samples.count()
     if result.bad_samples:
         logger.warning("%d bad samples were skipped; see %s", result.bad_samples, bad_samples.path)
@@ -305,4 +414,5 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
             model_name=str(result.model_dir),
             command=command,
         )
+    write_fingerprint(run_dir, current, finished=True)
     return result
