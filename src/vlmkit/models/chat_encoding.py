@@ -110,7 +110,9 @@ def end_of_turn_text(renderer: Any, tokenizer: PreTrainedTokenizerBase, parts: b
     )
     start, end = spans[0]
     ids = tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids)
+    special = set(tokenizer.all_special_ids) | {
+        index for index, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
     return [str(token) for token in tokenizer.convert_ids_to_tokens([t for t in ids if t in special])]
 
 

@@ -61,6 +61,18 @@ def chat_messages(sample: Sample, prompt: bool) -> list[dict[str, Any]]:
     return out
 
 
+class TemplateRenderer:
+    """Renders the processor's chat template as text through its tokenizer: the same jinja, without
+    the processor's own `apply_chat_template` (SmolVLM's reads its video processor even for text)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.tokenizer = processor.tokenizer
+        self.template = processor.chat_template
+
+    def apply_chat_template(self, messages: list[Any], **kwargs: Any) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, **kwargs)
+
+
 class HFGenericAdapter(ModelAdapter):
     """Any transformers image-text-to-text family with a `Family` record (families.py)."""
 
@@ -95,6 +107,7 @@ class HFGenericAdapter(ModelAdapter):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if getattr(processor, "chat_template", None) is None and self.tokenizer.chat_template:
             processor.chat_template = self.tokenizer.chat_template
+        self.renderer = TemplateRenderer(processor)
         self.configure()
         self.end_of_turn_text = self.probe_end_of_turn()
         stops = {self.tokenizer.convert_tokens_to_ids(t) for t in self.end_of_turn_text}
@@ -104,7 +117,7 @@ class HFGenericAdapter(ModelAdapter):
         """The template's end-of-turn tokens (PaliGemma has no chat template: none)."""
         if getattr(self.processor, "chat_template", None) is None:
             return []
-        return end_of_turn_text(self.processor, self.tokenizer)
+        return end_of_turn_text(self.renderer, self.tokenizer)
 
     def configure(self) -> None:
         """Apply adapter options: Qwen-style `min_pixels` / `max_pixels` bound each image's area."""
@@ -214,11 +227,9 @@ class HFGenericAdapter(ModelAdapter):
         messages = chat_messages(sample, prompt=not train)
         try:
             if not train:
-                text = self.processor.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
+                text = self.renderer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                 return text, []
-            text, spans = assistant_spans(self.processor, messages)
+            text, spans = assistant_spans(self.renderer, messages)
         except ConfigError:
             raise
         except (TypeError, ValueError, KeyError) as exc:
@@ -406,7 +417,14 @@ def load_processor(path: str | Path, family: Family) -> Any:
     attributes = {name: None for name in cls.get_attributes()}
     attributes.update(tokenizer=tokenizer, image_processor=image_processor)
     template = getattr(tokenizer, "chat_template", None)
-    return _accepts_missing(cls)(**attributes, chat_template=template, **kwargs)
+    try:
+        return _accepts_missing(cls)(**attributes, chat_template=template, **kwargs)
+    except ImportError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ModelLoadError(
+            f"{path}: the {family.name} processor ({family.processor_class}) cannot be built here ({reason}); "
+            "install what it names (torchvision must match the installed torch build)"
+        ) from None
 
 
 def save_processor(out: Path, processor: Any, family: Family) -> None:
