@@ -243,7 +243,7 @@ def build_idefics3(out: Path, smolvlm: bool = False) -> Path:
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vocab_size=len(tokenizer),
     )
-    image_processor = getattr(transformers, "Idefics3ImageProcessorPil")(
+    image_processor = transformers.Idefics3ImageProcessorPil(
         size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
     )
     kwargs = {"image_processor": image_processor, "tokenizer": tokenizer, "image_seq_len": 4}
