@@ -65,7 +65,7 @@ def samples() -> list[Sample]:
 
 def test_every_family_is_recorded_and_mllama_is_refused_in_one_line():
     assert set(END) <= set(FAMILIES)
-    with pytest.raises(ModelLoadError, match="mllama.*cross-attention"):
+    with pytest.raises(ModelLoadError, match=r"mllama.*cross-attention"):
         family_of("mllama")
     with pytest.raises(
         ModelLoadError, match=r"no vlmkit family record for model type 'blip_2'.*families\.py"
@@ -139,3 +139,41 @@ def test_merged_export_generates_vlmkit_tokens_with_plain_transformers(family_di
         out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
     )
     assert [t.strip() for t in texts] == answers
+
+
+MULTI_IMAGE = ["qwen2_vl", "llava", "llava_onevision", "idefics3", "gemma3", "internvl"]
+
+
+@pytest.mark.parametrize("family", MULTI_IMAGE)
+def test_interleaved_images_and_text_only_rows_in_one_batch(family_dirs, family):
+    """Two image parts in one turn, and a text-only sample beside it: the processor lays out each
+    image where its part is; the text-only row has no image tokens; labels stay the answers."""
+    adapter = load_adapter(family_dirs(family))
+    two = Sample(
+        id="two",
+        image=[image(3), image(4, (48, 40))],
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what color is"},
+                    {"type": "image"},
+                    {"type": "text", "text": "and"},
+                    {"type": "image"},
+                ],
+            },
+            {"role": "assistant", "content": "red"},
+        ],
+    )
+    text_only = Sample.vqa("text", None, "How many bars?", ["42 million"])
+    batch = adapter.encode([two, text_only], train=True)
+    token = adapter.processor.image_token_id
+    runs = (batch["input_ids"][0] == token).int().diff().eq(1).sum()
+    assert runs == 2 or family == "idefics3"  # two separate image runs (idefics3: tiles, more runs)
+    assert int((batch["input_ids"][1] == token).sum()) == 0
+    for row, answer in enumerate(["red", "42 million"]):
+        labels = batch["labels"][row]
+        assert adapter.tokenizer.decode(labels[labels != IGNORE_INDEX]) == answer + END[family]
+    assert torch.isfinite(adapter.model(**batch).loss)
+    with pytest.raises(Exception, match="2 image part"):
+        adapter.encode([Sample(id="bad", image=[image(3)], messages=two.messages)])

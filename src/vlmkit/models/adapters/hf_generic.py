@@ -269,7 +269,7 @@ class HFGenericAdapter(ModelAdapter):
             "add_special_tokens": self.add_special_tokens(texts[0]),
         }
         if any(images):
-            kwargs["images"] = images if all(images) else [image for row in images for image in row]
+            kwargs["images"] = images  # one list per row, empty for a text-only row
         return kwargs
 
     def encode(self, samples: Sequence[Sample], *, train: bool = True) -> Batch:
