@@ -156,7 +156,9 @@ def test_qwen_min_max_pixels_bound_vision_tokens(family_dirs):
     assert count[0] == 2  # 64x48 shrunk to 32x16 (<= 32*32 px): 2 merged 16x16 patches
     assert count[1] >= 16  # at least 64*64 px / 16^2
     batch = large.encode([sample])
-    assert torch.equal(batch["mm_token_type_ids"][0] == 1, batch["input_ids"][0] == large.image_token_id)
+    assert torch.equal(
+        batch["mm_token_type_ids"][0] == 1, batch["input_ids"][0] == large.processor.image_token_id
+    )
 
 
 def test_qwen_pad_equal_to_eos_still_learns_to_stop(tmp_path):
@@ -198,7 +200,7 @@ def test_bad_samples_are_sample_errors(family_dirs):
     with pytest.raises(SampleError, match="exceed max_length 20"):
         adapter.encode(samples()[:1])
     with pytest.raises(SampleError, match="has no image"):
-        adapter.encode([Sample.vqa("x", None, "q?", ["a"])])
+        load_adapter(family_dirs("paligemma")).encode([Sample.vqa("x", None, "q?", ["a"])])
     with pytest.raises(SampleError, match="no assistant turn"):
         adapter.encode([Sample.vqa("y", image(0), "q?", [])])
 

@@ -14,7 +14,7 @@ from vlmkit.data.sample import Sample
 from vlmkit.errors import ConfigError
 from vlmkit.models.adapters import load_adapter, model_type_of
 from vlmkit.train.export import export_merged
-from vlmkit.train.peft import apply_lora, bnb_config, lora_target_modules
+from vlmkit.train.peft import apply_lora, bnb_config, lora_target_modules, set_trainable
 
 pytest_plugins = ["tiny_families"]
 
@@ -224,7 +224,7 @@ def test_freeze_on_a_lora_vlmkit_vlm_touches_lora_weights_only(tiny_vlm_dir):
     adapter = load_adapter(tiny_vlm_dir)
     apply_lora(adapter, LoraSpec(r=2, projector=True), quantized=False)
     model = adapter.model
-    model.set_trainable(vision=True, projector=False, lm=True)  # what the runner's `freeze:` calls
+    set_trainable(model, vision=True, projector=False, lm=True)  # what the runner's `freeze:` calls
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert not any(".projector." in n for n in trainable)

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 from tiny_models import BUILDERS
+from tiny_more_families import BUILDERS as MORE_BUILDERS
+
+ALL_BUILDERS = {**BUILDERS, **MORE_BUILDERS}
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +19,7 @@ def family_dirs(tmp_path_factory):
 
     def get(name: str) -> Path:
         if name not in built:
-            built[name] = BUILDERS[name](tmp_path_factory.mktemp(name))
+            built[name] = ALL_BUILDERS[name](tmp_path_factory.mktemp(name))
         return built[name]
 
     return get

@@ -17,6 +17,7 @@ from torch import nn
 from vlmkit.config import SpeedSpec
 from vlmkit.errors import ConfigError
 from vlmkit.models.adapters.base import ModelAdapter
+from vlmkit.models.adapters.families import BY_MODEL_TYPE
 from vlmkit.models.attention import base_model, set_attention
 from vlmkit.models.feature_cache import VisionFeatureCache
 from vlmkit.models.loss import labelled_loss
@@ -24,8 +25,6 @@ from vlmkit.models.vlm import VisionLanguageModel
 
 logger = logging.getLogger(__name__)
 
-#: transformers VLM classes whose own head applies the text config's final logit soft-capping.
-SOFTCAPPING_FAMILIES = frozenset({"paligemma"})
 PATCHED = "_vlmkit_labelled_loss"
 
 
@@ -40,9 +39,10 @@ def install_labelled_loss(model: nn.Module, fused: bool = False) -> None:
     """
     family_forward = type(model).forward.__get__(model)
     text_config = model.config.get_text_config()
+    family = BY_MODEL_TYPE.get(model.config.model_type)
     softcap = (
         getattr(text_config, "final_logit_softcapping", None)
-        if model.config.model_type in SOFTCAPPING_FAMILIES
+        if family is not None and family.final_softcapping
         else None
     )
 

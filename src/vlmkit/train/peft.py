@@ -2,16 +2,16 @@
 
 `all-linear` means every linear layer of the *language model*: the vision tower and projector are
 added only when `lora.vision` / `lora.projector` ask for them. The layers are chosen by each
-family's module layout (exact module paths per model_type, below) and handed to peft as an
+family's module layout (exact module paths in its `Family` record) and handed to peft as an
 explicit list of module names, so nothing is picked by a substring of its name.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +23,6 @@ from vlmkit.errors import ConfigError, ModelLoadError
 from vlmkit.models.adapters.base import ModelAdapter
 
 logger = logging.getLogger(__name__)
-
-#: model_type -> part -> module paths (a module belongs to the part with the longest matching path).
-MODEL_PARTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "paligemma": {
-        "vision": ("model.vision_tower",),
-        "projector": ("model.multi_modal_projector",),
-        "language": ("model.language_model",),
-    },
-    "llava": {
-        "vision": ("model.vision_tower",),
-        "projector": ("model.multi_modal_projector",),
-        "language": ("model.language_model",),
-    },
-    "qwen2_vl": {
-        "vision": ("model.visual",),
-        "projector": ("model.visual.merger",),
-        "language": ("model.language_model",),
-    },
-    "qwen2_5_vl": {
-        "vision": ("model.visual",),
-        "projector": ("model.visual.merger",),
-        "language": ("model.language_model",),
-    },
-    "vlmkit_vlm": {
-        "vision": ("vision_tower",),
-        "projector": ("projector",),
-        "language": ("language_model",),
-    },
-}
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -72,7 +43,7 @@ def bnb_config(spec: QuantizationSpec) -> Any:
     )
 
 
-def part_of(name: str, parts: dict[str, tuple[str, ...]]) -> str | None:
+def part_of(name: str, parts: Mapping[str, tuple[str, ...]]) -> str | None:
     """The part a module path belongs to: the one whose path is its longest prefix."""
     best, best_len = None, -1
     for part, prefixes in parts.items():
@@ -82,13 +53,14 @@ def part_of(name: str, parts: dict[str, tuple[str, ...]]) -> str | None:
     return best
 
 
-def model_parts(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in MODEL_PARTS:
-        raise ConfigError(
-            f"LoRA does not know the layout of model type {model_type!r}; supported: {', '.join(sorted(MODEL_PARTS))}"
-        )
-    return MODEL_PARTS[model_type]
+def model_parts(model: nn.Module) -> Mapping[str, tuple[str, ...]]:
+    """The family record's module paths of vision tower / projector / language model."""
+    from vlmkit.models.adapters.families import family_of
+
+    try:
+        return family_of(getattr(model.config, "model_type", None)).parts
+    except ModelLoadError as exc:
+        raise ConfigError(f"LoRA / freeze cannot find the model's parts: {exc}") from None
 
 
 def lora_target_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
@@ -124,7 +96,7 @@ def lora_target_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
 
 
 def set_lora_trainable(
-    model: nn.Module, parts: dict[str, tuple[str, ...]], *, vision: bool, projector: bool, lm: bool
+    model: nn.Module, parts: Mapping[str, tuple[str, ...]], *, vision: bool, projector: bool, lm: bool
 ) -> None:
     """`freeze:` on a LoRA model freezes that part's LoRA weights; base weights stay frozen."""
     allowed = {"vision": vision, "projector": projector, "language": lm}
@@ -151,7 +123,7 @@ def apply_lora(adapter: ModelAdapter, spec: LoraSpec, quantized: bool) -> None:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_("lora_" in name)  # peft's own naming of LoRA weights
         return
-    parts = model_parts(model)
+    model_parts(model)  # a family without a record fails here, before any work
     if quantized:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -167,15 +139,32 @@ def apply_lora(adapter: ModelAdapter, spec: LoraSpec, quantized: bool) -> None:
     )
     model.enable_input_require_grads()
     peft_model = get_peft_model(model, config)
-    # vlmkit's own VLM exposes set_trainable for `freeze:`; on the wrapper it must touch LoRA weights only.
-    if hasattr(model, "set_trainable"):
-        peft_model.set_trainable = functools.partial(set_lora_trainable, peft_model, parts)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info(
         "LoRA r=%d on %d layers: %d of %d parameters trainable", spec.r, len(targets), trainable, total
     )
     adapter.model = peft_model
+
+
+def set_trainable(model: nn.Module, *, vision: bool, projector: bool, lm: bool) -> None:
+    """`freeze:` for every family: by the family record's parts (a module outside every part, such
+    as a top-level `lm_head`, counts as language). On a LoRA model only the LoRA weights of a part
+    are switched; the base weights stay frozen."""
+    from vlmkit.models.attention import base_model
+
+    inner = base_model(model)
+    parts = model_parts(inner)
+    if inner is not model:
+        set_lora_trainable(model, parts, vision=vision, projector=projector, lm=lm)
+        return
+    if hasattr(model, "set_trainable"):  # vlmkit's own VLM (it also keeps tied weights consistent)
+        model.set_trainable(vision=vision, projector=projector, lm=lm)
+        return
+    allowed = {"vision": vision, "projector": projector, "language": lm}
+    for name, parameter in model.named_parameters():
+        part = part_of(name.rsplit(".", 1)[0], parts) or "language"
+        parameter.requires_grad_(allowed[part])
 
 
 def is_lora_dir(path: str | Path) -> bool:
@@ -210,13 +199,13 @@ def load_lora(path: str | Path, *, is_trainable: bool = False, **kwargs: Any) ->
     from peft import PeftModel
 
     from vlmkit.models.adapters import adapter_class, model_type_of
-    from vlmkit.models.adapters.hf_base import HFVisionAdapter
+    from vlmkit.models.adapters.hf_generic import HFGenericAdapter
 
     base, model_type = lora_base(path)
     if model_type is None:
         model_type = model_type_of(base)
     cls = adapter_class(model_type)
-    if issubclass(cls, HFVisionAdapter):
+    if issubclass(cls, HFGenericAdapter):
         kwargs["processor_path"] = path
     adapter = cls.load(base, **kwargs)
     adapter.model = PeftModel.from_pretrained(adapter.model, str(path), is_trainable=is_trainable)

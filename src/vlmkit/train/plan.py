@@ -73,14 +73,13 @@ def _build_meta(config: RunConfig) -> nn.Module:
         from vlmkit.models.vlm import VisionLanguageModel
 
         return VisionLanguageModel(model_config)
-    from vlmkit.models.adapters import ADAPTERS, adapter_class
+    from vlmkit.models.adapters.families import BY_MODEL_TYPE
 
-    if model_config.model_type in ADAPTERS:
-        names = getattr(adapter_class(model_config.model_type), "model_classes", {})
-        if model_config.model_type in names:
-            import transformers
+    family = BY_MODEL_TYPE.get(model_config.model_type)
+    if family is not None and family.model_class is not None:
+        import transformers
 
-            return getattr(transformers, names[model_config.model_type])(model_config)
+        return getattr(transformers, family.model_class)(model_config)
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_config(model_config)
@@ -113,10 +112,10 @@ def _meta_vlm(spec: Any) -> nn.Module:
 
 
 # -- counting ---------------------------------------------------------------------------------
-def _parts(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    from vlmkit.train.peft import MODEL_PARTS
+def _parts(model: nn.Module) -> Any:
+    from vlmkit.models.adapters.families import parts_of
 
-    return MODEL_PARTS.get(getattr(model.config, "model_type", ""), {})
+    return parts_of(getattr(model.config, "model_type", None))
 
 
 def parameter_counts(model: nn.Module, config: RunConfig) -> dict[str, int]:

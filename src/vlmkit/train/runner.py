@@ -152,8 +152,10 @@ def apply_freeze(adapter: ModelAdapter, stage: Stage) -> dict[str, Any]:
     """Freeze parts for this stage and report what remains trainable (count and names)."""
     freeze = stage.freeze
     model = adapter.model
-    if hasattr(model, "set_trainable") and freeze is not None:
-        model.set_trainable(vision=not freeze.vision, projector=not freeze.projector, lm=not freeze.lm)
+    if freeze is not None:  # every family, by its record's parts (train/peft.set_trainable)
+        from vlmkit.train.peft import set_trainable
+
+        set_trainable(model, vision=not freeze.vision, projector=not freeze.projector, lm=not freeze.lm)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -1,4 +1,4 @@
-"""Adapter registry: a model folder's `model_type` picks its adapter (exact match)."""
+"""Adapter registry: a model folder's `model_type` picks its family record (families.py), which names its adapter."""
 
 from __future__ import annotations
 
@@ -12,23 +12,12 @@ import torch
 
 from vlmkit.errors import ModelLoadError
 from vlmkit.models.adapters.base import Batch, ModelAdapter
-
-# model_type -> "module:Class"; imported on use so a family's heavy imports cost nothing otherwise.
-ADAPTERS: dict[str, str] = {
-    "vlmkit_vlm": "vlmkit.models.adapters.vlm:VLMAdapter",
-    "paligemma": "vlmkit.models.adapters.paligemma:PaliGemmaAdapter",
-    "qwen2_vl": "vlmkit.models.adapters.qwen2_vl:Qwen2VLAdapter",
-    "qwen2_5_vl": "vlmkit.models.adapters.qwen2_vl:Qwen2VLAdapter",
-    "llava": "vlmkit.models.adapters.llava:LlavaAdapter",
-}
+from vlmkit.models.adapters.families import FAMILIES, Family, family_of
 
 
 def adapter_class(model_type: str) -> type[ModelAdapter]:
-    if model_type not in ADAPTERS:
-        raise ModelLoadError(
-            f"no vlmkit adapter for model type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
-        )
-    module, _, name = ADAPTERS[model_type].partition(":")
+    """The adapter of a model_type's family record (imported on use: a family's code costs nothing otherwise)."""
+    module, _, name = family_of(model_type).adapter.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -82,4 +71,13 @@ def load_adapter(
     return adapter_class(model_type_of(path)).load(path, device=device, dtype=dtype, **kwargs)
 
 
-__all__ = ["ADAPTERS", "Batch", "ModelAdapter", "adapter_class", "load_adapter", "model_type_of"]
+__all__ = [
+    "FAMILIES",
+    "Batch",
+    "Family",
+    "ModelAdapter",
+    "adapter_class",
+    "family_of",
+    "load_adapter",
+    "model_type_of",
+]

@@ -1,32 +1,30 @@
 """PaliGemma and PaliGemma 2: the processor's prefix/suffix convention, not a chat template.
 
 Input = `<image>` x N, `<bos>`, prefix + question, `\\n` (token_type_ids 0: the prefix, attended
-bidirectionally), then the answer + `<eos>` (token_type_ids 1: the causal suffix). Labels are the
-suffix only. This is exactly what `PaliGemmaProcessor(text=..., images=..., suffix=...)` builds; the
-adapter builds it itself so it can pad right for training, left for generation, and cache pixels.
+bidirectionally), then the answer + `<eos>` (token_type_ids 1: the causal suffix); labels are the
+suffix only. `PaliGemmaProcessor(text=..., images=..., suffix=...)` builds exactly that, and pads.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any
 
-from vlmkit.data.sample import Sample
+from vlmkit.data.sample import Sample, text_of
 from vlmkit.errors import SampleError
-from vlmkit.models.adapters.hf_base import HFVisionAdapter, Row, assert_label_invariants
+from vlmkit.models.adapters.base import Batch
+from vlmkit.models.adapters.hf_generic import HFGenericAdapter, assert_label_invariants
 from vlmkit.models.chat_encoding import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 
-class PaliGemmaAdapter(HFVisionAdapter):
+class PaliGemmaAdapter(HFGenericAdapter):
     """Question = the sample's first user turn (the last one when generating), answer = the assistant
     turn after it; the prompt is `prompt_prefix + question` ("answer en " by default, PaliGemma's
     VQA task prefix)."""
 
-    model_types = ("paligemma",)
-    model_classes: ClassVar[dict[str, str]] = {"paligemma": "PaliGemmaForConditionalGeneration"}
-    options: ClassVar[dict[str, Any]] = {"prompt_prefix": "answer en "}
     # One question per row: merged turns would lose all but the first, and cannot share the image
     # anyway (PaliGemma's image tokens attend to the question, so they differ per question).
     trains_merged_turns = False
@@ -34,10 +32,6 @@ class PaliGemmaAdapter(HFVisionAdapter):
 
     def configure(self) -> None:
         self.image_token_id = self.model.config.image_token_index
-        self.image_seq_length = int(
-            getattr(self.image_processor, "image_seq_length", None)
-            or self.model.config.text_config.num_image_tokens
-        )
 
     def prompt_and_answer(self, sample: Sample, train: bool) -> tuple[str, str | None]:
         messages = sample.messages if train else sample.prompt_messages()
@@ -55,26 +49,53 @@ class PaliGemmaAdapter(HFVisionAdapter):
             self.warned_multi_turn = True
         answer = None
         if train:
-            answer = next((m["content"] for m in messages[at + 1 :] if m["role"] == "assistant"), None)
+            answer = next((text_of(m) for m in messages[at + 1 :] if m["role"] == "assistant"), None)
             if answer is None:
                 raise SampleError(sample.id, "has no assistant turn after the question")
-        return f"{self.settings['prompt_prefix']}{messages[at]['content']}", answer
+        return f"{self.settings['prompt_prefix']}{text_of(messages[at])}", answer
 
-    def encode_one(self, sample: Sample, train: bool) -> Row:
-        prompt, answer = self.prompt_and_answer(sample, train)
-        tokenizer = self.tokenizer
-        prefix_text = f"{tokenizer.convert_ids_to_tokens(self.image_token_id)}" * self.image_seq_length
-        prefix_text += f"{tokenizer.bos_token}{prompt}\n"
-        prefix = list(tokenizer(prefix_text, add_special_tokens=False)["input_ids"])
-        suffix: list[int] = []
-        if answer is not None:
-            suffix = list(tokenizer(f"{answer}{tokenizer.eos_token}", add_special_tokens=False)["input_ids"])
-        ids = prefix + suffix
-        token_type_ids = [0] * len(prefix) + [1] * len(suffix)
-        labels = None
+    def encode(self, samples: Sequence[Sample], *, train: bool = True) -> Batch:
+        prompts, answers, images = [], [], []
+        for sample in samples:
+            prompt, answer = self.prompt_and_answer(sample, train)
+            loaded = self.load_images(sample)
+            if not loaded:
+                raise SampleError(sample.id, "has no image; this model family needs one per sample")
+            prompts.append("<image>" * len(loaded) + prompt)
+            answers.append(answer)
+            images.append(loaded)
+        kwargs: dict[str, Any] = {
+            "text": prompts,
+            "images": images,
+            "padding": True,
+            "padding_side": "right" if train else "left",
+            "return_tensors": "pt",
+        }
         if train:
-            labels = [IGNORE_INDEX] * len(prefix) + suffix
-            assert_label_invariants(ids, labels, {self.image_token_id, tokenizer.pad_token_id}, sample.id)
-            assert suffix[-1] == tokenizer.eos_token_id, "the suffix must end with EOS"
-        images = self.image_tensors(sample)
-        return Row(ids, labels, {"pixel_values": images["pixel_values"]}, {"token_type_ids": token_type_ids})
+            kwargs["suffix"] = answers
+        batch: Batch = dict(self.processor(**kwargs))
+        if not train:
+            batch.pop("labels", None)
+        for row, sample in enumerate(samples):
+            length = int(batch["attention_mask"][row].sum())
+            if self.max_length is not None and length > self.max_length:
+                raise SampleError(
+                    sample.id,
+                    f"{length} tokens exceed max_length {self.max_length}; raise model.max_length "
+                    "(truncating would drop answer tokens)",
+                )
+            if train:
+                ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+                forbidden = {self.image_token_id, self.tokenizer.pad_token_id}
+                kept = [
+                    (i, label)
+                    for i, label, m in zip(ids, labels, batch["attention_mask"][row], strict=True)
+                    if m
+                ]
+                assert_label_invariants([i for i, _ in kept], [lab for _, lab in kept], forbidden, sample.id)
+                assert labels[len(kept) - 1] == self.tokenizer.eos_token_id, "the suffix must end with EOS"
+                batch["labels"][row][batch["attention_mask"][row] == 0] = IGNORE_INDEX
+        dtype = next((p.dtype for p in self.model.parameters() if p.dtype.is_floating_point), None)
+        if dtype is not None:
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        return batch
