@@ -264,6 +264,13 @@ def export(
     merge: Annotated[
         bool, typer.Option("--merge/--no-merge", help="Merge LoRA into the base weights")
     ] = True,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="vlmkit-composed VLMs: auto (LLaVA folder where possible), llava, or vlmkit",
+        ),
+    ] = "auto",
 ) -> None:
     """Write a full model folder loadable by transformers (and vLLM) without vlmkit."""
     from vlmkit.errors import ConfigError
@@ -273,7 +280,9 @@ def export(
         raise ConfigError(
             "only --merge export is implemented; the run's model/ folder already holds the adapters"
         )
-    console.print(f"merged model written to [bold]{escape(str(export_merged(run, out)))}[/bold]")
+    if format not in ("auto", "llava", "vlmkit"):
+        raise ConfigError(f"--format {format!r} is not one of auto, llava, vlmkit")
+    console.print(f"merged model written to [bold]{escape(str(export_merged(run, out, format=format)))}[/bold]")
 
 
 @app.command()

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
     from transformers import ViTImageProcessor
 
 from vlmkit.errors import ConfigError
-from vlmkit.models.adapters.vlm import VLMAdapter
+from vlmkit.models.adapters.vlm import VLMAdapter, quantize_language_model
 from vlmkit.models.specs import VLMSpec
 from vlmkit.models.tokenizer import IMAGE_TOKEN, train_tokenizer
 from vlmkit.models.vision import load_vision_tower, vision_config_of
@@ -96,8 +96,16 @@ def _text_part(spec: VLMSpec, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Mo
     return model
 
 
-def build_vlm(spec: VLMSpec, texts: Iterable[str] | None = None, **adapter_kwargs: Any) -> VLMAdapter:
-    """Build the model, tokenizer and image processor; pretrained parts keep their weights."""
+def build_vlm(
+    spec: VLMSpec,
+    texts: Iterable[str] | None = None,
+    quantization: Any = None,
+    **adapter_kwargs: Any,
+) -> VLMAdapter:
+    """Build the model, tokenizer and image processor; pretrained parts keep their weights.
+
+    `quantization` (a QuantizationSpec) puts the LM's linear layers in 4-bit once built (QLoRA).
+    """
     register_auto_classes()
     tokenizer = build_tokenizer(spec, texts)
     language_model = _text_part(spec, tokenizer)
@@ -140,4 +148,7 @@ def build_vlm(spec: VLMSpec, texts: Iterable[str] | None = None, **adapter_kwarg
     with torch.no_grad():
         model.config.num_image_tokens = int(model.get_image_features(probe).shape[1])
     model.train()
+    if quantization is not None:
+        count = quantize_language_model(model, quantization)
+        logger.info("quantised %d language-model linear layers to 4-bit %s", count, quantization.quant_type)
     return VLMAdapter(model, tokenizer, image_processor, **adapter_kwargs)

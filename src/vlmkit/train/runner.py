@@ -27,6 +27,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from vlmkit.config import RunConfig, Stage
 from vlmkit.data.sample import Sample
 from vlmkit.data.sources import load_samples
+from vlmkit.errors import ConfigError
 from vlmkit.folders import holds_model, write_folder
 from vlmkit.models.adapters import ModelAdapter, load_adapter
 from vlmkit.models.build import build_vlm
@@ -118,9 +119,14 @@ def build_model(config: RunConfig, train_sets: list[list[Sample]] | None) -> Mod
     """The model to train; a from-scratch tokenizer learns from every stage's training text."""
     section = config.model
     adapter_kwargs = _adapter_kwargs(config)
+    if section.quantization is not None and section.lora is None:
+        raise ConfigError(
+            "model.quantization needs model.lora: 4-bit weights cannot be trained, QLoRA trains LoRA "
+            "weights on top of them; add a lora section or drop quantization"
+        )
     if section.init is not None:
         texts = [text for samples in train_sets or [] for text in training_texts(samples)]
-        adapter = build_vlm(section.init, texts, **adapter_kwargs)
+        adapter = build_vlm(section.init, texts, quantization=section.quantization, **adapter_kwargs)
     else:
         dtype = DTYPES[section.dtype] if section.dtype else None
         if section.quantization is not None:

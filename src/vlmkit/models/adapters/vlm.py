@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, BaseImageProcessor, PreTrainedTokenizerBase
 
 from vlmkit.data.conversations import INDEPENDENT_TURNS
 from vlmkit.data.images import image_key, load_image
 from vlmkit.data.sample import Message, Sample
-from vlmkit.errors import ModelLoadError, SampleError
+from vlmkit.errors import ConfigError, ModelLoadError, SampleError
 from vlmkit.models.adapters.base import Batch, ModelAdapter
 from vlmkit.models.adapters.hf_base import BASE_POINTER_FILE, is_peft_model
 from vlmkit.models.attention import keep_softcapping
@@ -37,6 +38,80 @@ def lora_free_state_dict(peft_state: dict[str, torch.Tensor]) -> dict[str, torch
             continue
         base[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
     return base
+
+
+def quantize_language_model(model: VisionLanguageModel, spec: Any, device: str | None = None) -> int:
+    """QLoRA for vlmkit's own VLM: the LM's linear layers (not its head) become bitsandbytes 4-bit
+    layers, quantised on `device` (CUDA when there is one), and the whole model moves there.
+
+    The vision tower and projector stay in their dtype (the projector is usually trained; a tower's
+    widths are often no multiple of bitsandbytes' block). Returns the number of layers quantised.
+    `is_loaded_in_4bit` tells peft to put its 4-bit LoRA layers on them and k-bit preparation to
+    turn on gradient checkpointing, as for a transformers checkpoint loaded in 4-bit.
+    """
+    if spec.bits != 4:
+        raise ConfigError(
+            "model.quantization.bits: 8 is not supported for a VLM composed by vlmkit (QLoRA is 4-bit); "
+            "use bits: 4 or drop model.quantization"
+        )
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError("model.quantization needs bitsandbytes: pip install 'vlmkit[train]'") from None
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compute = getattr(torch, spec.compute_dtype)
+    lm = model.language_model
+    head = lm.get_output_embeddings()
+    layers = [(name, m) for name, m in lm.named_modules() if type(m) is nn.Linear and m is not head]
+    for name, linear in layers:
+        quantized = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute,
+            compress_statistics=spec.double_quant,
+            quant_type=spec.quant_type,
+            quant_storage=torch.uint8,
+            device="meta",
+        )
+        quantized.weight = bnb.nn.Params4bit(
+            linear.weight.data,
+            requires_grad=False,
+            compress_statistics=spec.double_quant,
+            quant_type=spec.quant_type,
+            quant_storage=torch.uint8,
+        )
+        if linear.bias is not None:
+            quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        owner, _, attr = name.rpartition(".")
+        setattr(lm.get_submodule(owner), attr, quantized.to(target))
+    model.to(target)
+    model.is_loaded_in_4bit = True
+    return len(layers)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False))
+
+
+def dequantized_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each 4-bit layer's packed weight and quantisation state replaced by its
+    dequantised weight: the base a QLoRA run trained against, in full precision, so a folder holds
+    weights `from_pretrained` reads and a LoRA merge into it is not rounded to 4 bits."""
+    import bitsandbytes as bnb
+
+    dtype = model.get_input_embeddings().weight.dtype
+    out = dict(state)
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            key = f"{name}.weight"
+            for extra in [k for k in out if k.startswith(key + ".")]:
+                del out[extra]
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            out[key] = weight.to(dtype)
+            if module.bias is not None:
+                out[f"{name}.bias"] = module.bias.data.to(dtype)
+    return out
 
 
 class VLMAdapter(ModelAdapter):
@@ -79,8 +154,10 @@ class VLMAdapter(ModelAdapter):
         *,
         device: str | None = None,
         dtype: torch.dtype | None = None,
+        quantization: Any = None,
         **kwargs: Any,
     ) -> VLMAdapter:
+        """`quantization` (a QuantizationSpec) puts the LM's linear layers in 4-bit (QLoRA)."""
         register_auto_classes()
         try:
             model = VisionLanguageModel.from_pretrained(path, dtype=dtype or torch.float32)
@@ -88,7 +165,9 @@ class VLMAdapter(ModelAdapter):
             image_processor = AutoImageProcessor.from_pretrained(path)
         except OSError as exc:
             raise ModelLoadError(f"{path} is not a complete vlmkit model folder ({exc})") from None
-        if device:
+        if quantization is not None:
+            quantize_language_model(model, quantization, device)
+        elif device:
             model.to(device)
         return cls(model, tokenizer, image_processor, **kwargs)
 
@@ -96,9 +175,14 @@ class VLMAdapter(ModelAdapter):
         """A model folder; for a LoRA-wrapped model the adapter weights, and its frozen base in
         `base/` with a pointer to it: a composed VLM's base exists nowhere else on disk."""
         out = Path(out_dir)
+        quantized = is_quantized(self.model)
+        if quantized and not is_peft_model(self.model):
+            state_dict = dequantized_state_dict(self.model, state_dict or self.model.state_dict())
         self.model.save_pretrained(out, state_dict=state_dict)
         if is_peft_model(self.model):
             full = state_dict if state_dict is not None else self.model.state_dict()
+            if quantized:
+                full = dequantized_state_dict(self.model, full)
             base = self.model.get_base_model()
             base.save_pretrained(out / LORA_BASE_DIR, state_dict=lora_free_state_dict(full))
             self._save_processing(out / LORA_BASE_DIR)
