@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -73,6 +74,9 @@ class DataSpec(BaseModel):
         return value
 
     def __str__(self) -> str:
+        # A single-file source (llava_json: test.json) with no split given is named after its file.
+        if "split" not in self.model_fields_set and self.path and Path(self.path).is_file():
+            return f"{self.source}:{Path(self.path).stem}"
         return f"{self.source}:{self.split}"
 
 
