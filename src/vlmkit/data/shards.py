@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vlmkit.data.images import load_image, to_rgb
 from vlmkit.data.sample import Sample
-from vlmkit.data.sources import DataSpec, load_samples
+from vlmkit.data.sources import DataSpec, data_spec, load_samples
 from vlmkit.data.sources.captions import caption_of, caption_sample, is_caption_shaped
 from vlmkit.errors import DataError, SampleError
 
@@ -319,5 +319,5 @@ def write_shards(
 
 def to_shards(data: str | DataSpec, out: str | Path, shard_size: int = 1000) -> list[Path]:
     """`vlmkit data to-shards`: read any source (e.g. `easyvqa_captions:train`) and write shards."""
-    spec = data if isinstance(data, DataSpec) else DataSpec.model_validate(data)
+    spec = data if isinstance(data, DataSpec) else data_spec(data)
     return write_shards(load_samples(spec), out, shard_size)
