@@ -179,3 +179,110 @@ def test_a_single_file_source_without_a_split_is_named_after_its_file(tmp_path):
     assert str(DataSpec(source="llava_json", path=path)) == "llava_json:test"
     assert str(DataSpec(source="llava_json", path=path, split="validation")) == "llava_json:validation"
     assert str(DataSpec.model_validate("easyvqa:test")) == "easyvqa:test"
+
+
+# -- TRL and the_cauldron layouts -----------------------------------------------------------------
+def _png(color):
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (12, 12), color).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def write_trl(folder, layout):
+    import datasets
+
+    part = {
+        "index": datasets.Value("int64"),
+        "text": datasets.Value("string"),
+        "type": datasets.Value("string"),
+    }
+    features = datasets.Features(
+        {
+            "images": datasets.Sequence(datasets.Image()),
+            "messages": [{"content": [part], "role": datasets.Value("string")}],
+        }
+    )
+    image, text = (
+        {"index": 0, "text": None, "type": "image"},
+        lambda t: {"index": None, "text": t, "type": "text"},
+    )
+    rows = {
+        "images": [[_png((255, 0, 0))], [], [_png((0, 255, 0)), _png((0, 0, 255))]],
+        "messages": [
+            [
+                {"role": "user", "content": [image, text("What color?")]},
+                {"role": "assistant", "content": [text("Red.")]},
+            ],
+            [{"role": "user", "content": [text("Say hi.")]}, {"role": "assistant", "content": [text("Hi.")]}],
+            [
+                {"role": "user", "content": [image, image, text("Compare.")]},
+                {"role": "assistant", "content": [text("Green, then blue.")]},
+            ],
+        ],
+    }
+    table = datasets.Dataset.from_dict(rows, features=features)
+    if layout == "parquet":
+        (folder / "data").mkdir(parents=True)
+        table.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    else:
+        datasets.DatasetDict({"train": table}).save_to_disk(str(folder))
+    return str(folder)
+
+
+@pytest.mark.parametrize("layout", ["parquet", "save_to_disk"])
+def test_trl_messages_layout(tmp_path, layout):
+    import numpy as np
+
+    from vlmkit.data.images import load_image
+
+    samples = load_samples({"source": "hf_conversations", "path": write_trl(tmp_path / "trl", layout)})
+    assert [len(s.images) for s in samples] == [1, 0, 2]
+    assert samples[1].image is None and samples[1].messages[0]["content"] == [
+        {"type": "text", "text": "Say hi."}
+    ]
+    assert samples[0].messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "What color?"}]
+    assert samples[2].answers == ["Green, then blue."]
+    assert np.asarray(load_image(samples[2].images[1]))[0, 0].tolist() == [0, 0, 255]
+
+
+def test_the_cauldron_texts_layout(tmp_path):
+    import datasets
+
+    features = datasets.Features(
+        {
+            "images": datasets.Sequence(datasets.Image()),
+            "texts": [
+                {
+                    "user": datasets.Value("string"),
+                    "assistant": datasets.Value("string"),
+                    "source": datasets.Value("string"),
+                }
+            ],
+        }
+    )
+    rows = {
+        "images": [[_png((1, 2, 3))]],
+        "texts": [
+            [
+                {"user": "Question: what?\nAnswer:", "assistant": "A chart.", "source": "ChartQA"},
+                {"user": "How many bars?", "assistant": "3", "source": "ChartQA"},
+            ]
+        ],
+    }
+    (tmp_path / "chartqa").mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(
+        str(tmp_path / "chartqa" / "train-00000-of-00001.parquet")
+    )
+    [sample] = load_samples({"source": "hf_conversations", "path": str(tmp_path / "chartqa")})
+    assert [m["role"] for m in sample.messages] == ["user", "assistant"] * 2
+    assert sample.answers == ["3"] and len(sample.images) == 1 and sample.meta == {"source": "ChartQA"}
+
+
+def test_hf_conversations_without_a_conversation_column_is_one_line(tmp_path):
+    from vqa_fixtures import write_docvqa
+
+    write_docvqa(tmp_path / "doc")
+    with pytest.raises(DataError, match=r"neither a messages \(TRL\) nor a texts"):
+        load_samples({"source": "hf_conversations", "path": str(tmp_path / "doc")})

@@ -220,6 +220,7 @@ def _import_builtin_sources() -> None:
         chartqa,
         docvqa,
         easyvqa,
+        hf_conversations,
         jsonl,
         llava_json,
         vqav2,
