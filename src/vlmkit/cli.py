@@ -27,6 +27,10 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key.sub=value")]
+DataOptions = Annotated[
+    list[str] | None,
+    typer.Option("--data-option", help="A source option, KEY=VALUE (e.g. image_folder=/data/coco)"),
+]
 
 
 def command_line() -> str:
@@ -91,6 +95,7 @@ def eval_(
     data_path: Annotated[
         str | None, typer.Option("--data-path", help="Local folder/file of the source")
     ] = None,
+    data_option: DataOptions = None,
     limit: Annotated[int | None, typer.Option(help="Score only the first N samples")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     out: Annotated[
@@ -122,13 +127,11 @@ def eval_(
         from vlmkit.errors import ConfigError
 
         raise ConfigError(f"unknown --task {task!r}; use vqa or zeroshot")
-    from vlmkit.data.sources import DataSpec
+    from vlmkit.data.sources import data_spec, parse_options
     from vlmkit.eval.runner import evaluate
     from vlmkit.models.adapters import load_adapter
 
-    spec = DataSpec.model_validate(data)
-    if data_path:
-        spec = spec.model_copy(update={"path": data_path})
+    spec = data_spec(data, path=data_path, options=parse_options(data_option))
     adapter = load_adapter(model)
     out = out or model.parent / f"eval-{data.replace(':', '-')}"
     summary = evaluate(
@@ -234,11 +237,16 @@ def to_shards(
     data: Annotated[str, typer.Option("--data", help="Any source, e.g. easyvqa_captions:train")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for .tar shards")],
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard")] = 1000,
+    data_path: Annotated[
+        str | None, typer.Option("--data-path", help="Local folder/file of the source")
+    ] = None,
+    data_option: DataOptions = None,
 ) -> None:
     """Write webdataset tar shards (key.png + key.txt/json) from any Sample source."""
     from vlmkit.data.shards import to_shards as write
+    from vlmkit.data.sources import data_spec, parse_options
 
-    paths = write(data, out, shard_size)
+    paths = write(data_spec(data, path=data_path, options=parse_options(data_option)), out, shard_size)
     console.print(f"wrote {len(paths)} shard(s) to [bold]{escape(str(out))}[/bold]")
 
 

@@ -93,8 +93,19 @@ def load_image(source: ImageLike) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        raise DataError(too_large(str(path), exc)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"image {path} is corrupt or not an image ({exc}); replace or remove it") from None
+
+
+def too_large(name: str, error: Exception) -> str:
+    """The one-line message for an image over PIL's decompression-bomb limit."""
+    pixels = str(error).split("(")[1].split(" ")[0] if "(" in str(error) else "too many"
+    return (
+        f"image {name} has {pixels} pixels, over PIL's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} "
+        "(decompression-bomb guard); downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted"
+    )
 
 
 def _decode_bytes(data: bytes, name: str) -> Image.Image:
@@ -103,6 +114,8 @@ def _decode_bytes(data: bytes, name: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             return to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        raise DataError(too_large(name, exc)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"image {name} is corrupt or not an image ({exc}); replace or remove it") from None
 
@@ -117,5 +130,5 @@ def image_size(source: ImageLike) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             return image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None

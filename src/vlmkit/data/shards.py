@@ -11,6 +11,8 @@ import glob
 import io
 import json
 import logging
+import random
+import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vlmkit.data.images import load_image, to_rgb
 from vlmkit.data.sample import Sample
-from vlmkit.data.sources import DataSpec, load_samples
+from vlmkit.data.sources import DataSpec, data_spec, load_samples
 from vlmkit.data.sources.captions import caption_of, caption_sample, is_caption_shaped
 from vlmkit.errors import DataError, SampleError
 
@@ -119,13 +121,57 @@ def decode_record(record: dict[str, Any]) -> Sample:
     if not caption:
         raise SampleError(sample_id, "no caption (.txt) in the shard record")
     alternatives = meta.pop("captions", None) or ()
-    return caption_sample(sample_id, image, caption, alternatives=alternatives, **meta)
+    meta.pop("caption", None)  # img2dataset repeats the .txt caption in its .json
+    sample = caption_sample(sample_id, image, caption, alternatives=alternatives)
+    sample.meta = meta  # url, key, status, width, height, ... as img2dataset wrote them
+    return sample
 
 
 def _all_shards(urls: Iterable[Any]) -> Iterator[Any]:
-    # Every process sees every shard: under `accelerate launch` the main process reads and
-    # dispatches batches (webdataset's default would refuse to run with world_size > 1).
+    # webdataset's own splitters are bypassed: `iter_records` assigns shards to readers itself.
     yield from urls
+
+
+@dataclass(frozen=True)
+class ReaderSlot:
+    """Which share of a shard set one reader gets: reader `index` of `count` (all ranks' workers)."""
+
+    index: int = 0
+    count: int = 1
+
+
+def reader_slot(rank: int = 0, world_size: int = 1) -> ReaderSlot:
+    """This DataLoader worker's slot among every process's workers: `rank * workers + worker`."""
+    from torch.utils.data import get_worker_info
+
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world size {world_size}")
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+    return ReaderSlot(index=rank * workers + worker, count=world_size * workers)
+
+
+def _tar_records(urls: list[str]) -> Iterator[dict[str, Any]]:
+    """Raw records of these shards, in order, read one tar member at a time."""
+    wds = _webdataset()
+    dataset = wds.WebDataset(
+        urls, shardshuffle=False, nodesplitter=_all_shards, workersplitter=_all_shards, empty_check=False
+    )
+    return iter(dataset)
+
+
+def _buffer_shuffle(records: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle a stream within a buffer of `size` records: memory stays bounded whatever the data size."""
+    buffer: list[Any] = []
+    for record in records:
+        if len(buffer) < size:
+            buffer.append(record)
+            continue
+        index = rng.randrange(size)
+        yield buffer[index]
+        buffer[index] = record
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 def iter_records(
@@ -133,24 +179,33 @@ def iter_records(
     *,
     shuffle_buffer: int = 0,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[dict[str, Any]]:
-    """Raw records (bytes per extension), split across DataLoader workers by shard."""
-    wds = _webdataset()
+    """Raw records (bytes per extension), streamed: each goes to exactly one reader per pass.
+
+    The readers are every DataLoader worker of every process (`rank` of `world_size`; the
+    default, one process, is what Trainer needs: it reads on the main process and dispatches
+    batches to the others). With at least as many shards as readers each reader streams whole
+    shards of its own; with fewer, every reader streams them all and keeps every n-th record.
+    Shards are shuffled with `seed` (the same order in every reader) and records within a
+    buffer of `shuffle_buffer`.
+    """
     urls = expand_shards(path)
-    dataset = wds.WebDataset(
-        urls,
-        shardshuffle=len(urls) if shuffle_buffer else False,
-        nodesplitter=_all_shards,
-        workersplitter=wds.split_by_worker,
-        empty_check=False,
-        seed=seed,
-    )
     if shuffle_buffer:
-        dataset = dataset.shuffle(shuffle_buffer)
+        random.Random(seed).shuffle(urls)
+    slot = reader_slot(rank, world_size)
+    by_shard = len(urls) >= slot.count
+    mine = urls[slot.index :: slot.count] if by_shard else urls
+    records = _tar_records(mine) if mine else iter(())
+    if not by_shard:
+        records = (r for i, r in enumerate(records) if i % slot.count == slot.index)
+    if shuffle_buffer:
+        records = _buffer_shuffle(records, shuffle_buffer, random.Random(seed * 7919 + slot.index))
     try:
-        yield from dataset
-    except (OSError, ValueError) as exc:  # a truncated or non-tar file
-        raise DataError(f"could not read shards {urls[0]}...: {exc}; check the files") from None
+        yield from records
+    except (OSError, ValueError, tarfile.TarError) as exc:  # a truncated or non-tar file
+        raise DataError(f"could not read shards {mine[0]}...: {exc}; check the files") from None
 
 
 def iter_shards(
@@ -161,10 +216,16 @@ def iter_shards(
     on_bad: Callable[[SampleError], None] | None = None,
     shuffle_buffer: int = 0,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[Sample]:
-    """Stream Samples from shards; bad records are counted in `stats` (and passed to `on_bad`)."""
+    """Stream Samples from shards; bad records are counted in `stats` (and passed to `on_bad`).
+
+    Records are decoded one at a time as they are consumed (see `iter_records` for the split).
+    """
     stats = stats if stats is not None else ShardReadStats()
-    for record in iter_records(path, shuffle_buffer=shuffle_buffer, seed=seed):
+    records = iter_records(path, shuffle_buffer=shuffle_buffer, seed=seed, rank=rank, world_size=world_size)
+    for record in records:
         stats.read += 1
         try:
             yield decode_record(record)
@@ -258,5 +319,5 @@ def write_shards(
 
 def to_shards(data: str | DataSpec, out: str | Path, shard_size: int = 1000) -> list[Path]:
     """`vlmkit data to-shards`: read any source (e.g. `easyvqa_captions:train`) and write shards."""
-    spec = data if isinstance(data, DataSpec) else DataSpec.model_validate(data)
+    spec = data if isinstance(data, DataSpec) else data_spec(data)
     return write_shards(load_samples(spec), out, shard_size)

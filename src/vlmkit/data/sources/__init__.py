@@ -6,11 +6,14 @@ after a source knows which dataset a Sample came from.
 
 from __future__ import annotations
 
+import inspect
+import json
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vlmkit.data.conversations import merge_turns
 from vlmkit.data.sample import Sample
@@ -72,8 +75,86 @@ class DataSpec(BaseModel):
             return {"source": source, "split": split or "train"}
         return value
 
+    @model_validator(mode="after")
+    def _check_options(self) -> DataSpec:
+        """An option the source does not take fails here, at config load, listing those it does."""
+        check_options(self.source, self.options)
+        return self
+
     def __str__(self) -> str:
+        # A single-file source (llava_json: test.json) with no split given is named after its file.
+        if "split" not in self.model_fields_set and self.path and Path(self.path).is_file():
+            return f"{self.source}:{Path(self.path).stem}"
         return f"{self.source}:{self.split}"
+
+
+def data_spec(
+    value: DataSpec | str | dict[str, Any],
+    *,
+    path: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> DataSpec:
+    """A DataSpec from a string or mapping (plus a path and options, as the CLI passes them);
+    a bad one is a one-line DataError naming the field."""
+    raw: Any = value.model_dump(exclude_unset=True) if isinstance(value, DataSpec) else value
+    if isinstance(raw, str):
+        source, _, split = raw.partition(":")
+        raw = {"source": source, "split": split} if split else {"source": source}
+    raw = dict(raw)
+    if path is not None:
+        raw["path"] = path
+    if options:
+        raw["options"] = {**raw.get("options", {}), **options}
+    try:
+        return DataSpec.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "data"
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = f"unknown field; a data spec takes {', '.join(DataSpec.model_fields)}"
+        raise DataError(f"data spec {where}: {message}") from None
+
+
+def parse_options(items: list[str] | None) -> dict[str, Any]:
+    """`--data-option key=value` pairs; values are JSON where they parse (true, 3, [..]), else text."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise DataError(f"--data-option {item!r} is not KEY=VALUE (e.g. image_folder=/data/coco)")
+        try:
+            options[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key.strip()] = text
+    return options
+
+
+def source_options(source: str) -> list[str] | None:
+    """The options a registered source takes (None: unknown source, or one that takes any)."""
+    _import_builtin_sources()
+    fn = _SOURCES.get(source)
+    if fn is None:
+        return None
+    parameters = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.name not in ("split", "path")]
+
+
+def check_options(source: str, options: dict[str, Any]) -> None:
+    """Refuse options a source does not take, in one line that lists the valid ones."""
+    valid = source_options(source)
+    if valid is None:
+        return
+    if "path" in options or "split" in options:
+        raise ValueError(f"data.path and data.split are fields of the data spec, not {source} options")
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"{source} takes no option {', '.join(map(repr, unknown))}; its options are: "
+            f"{', '.join(valid) or 'none'}"
+        )
 
 
 def available_sources() -> list[str]:
@@ -95,7 +176,7 @@ def default_metric(source: str) -> str:
 
 def load_samples(spec: DataSpec | str | dict[str, Any]) -> list[Sample]:
     """Read a source, then subsample by fraction and/or count with a fixed seed."""
-    spec = spec if isinstance(spec, DataSpec) else DataSpec.model_validate(spec)
+    spec = spec if isinstance(spec, DataSpec) else data_spec(spec)
     _import_builtin_sources()
     if spec.source not in _SOURCES:
         raise DataError(f"unknown data source {spec.source!r}; choose one of: {', '.join(sorted(_SOURCES))}")
@@ -139,6 +220,7 @@ def _import_builtin_sources() -> None:
         chartqa,
         docvqa,
         easyvqa,
+        hf_conversations,
         jsonl,
         llava_json,
         vqav2,

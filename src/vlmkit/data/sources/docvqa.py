@@ -2,7 +2,7 @@
 
 Columns: question, answers (list of strings; the first is the training target), image, and
 optionally questionId, question_types, docId, ucsf_document_id, ucsf_document_page_no (-> meta).
-Scored with ANLS. The test split ships without answers: its samples have none.
+Also the lmms-lab/DocVQA snapshot (DocVQA/ beside InfographicVQA/). Scored with ANLS. The test split ships without answers: its samples have none.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ META = ("questionId", "question_types", "docId", "ucsf_document_id", "ucsf_docum
 
 @register_source("docvqa", default_metric="anls", prompt_suffix=SHORT_ANSWER, max_new_tokens=32)
 def load_docvqa(split: str = "train", path: str | None = None, system: str | None = None) -> list[Sample]:
-    table = open_table("docvqa", path, split, HUB_ID)
+    # lmms-lab/DocVQA holds DocVQA/ and InfographicVQA/ side by side: read DocVQA/.
+    table = open_table("docvqa", path, split, HUB_ID, subset="DocVQA")
     require_columns(table, "docvqa", NEEDED, where(path, HUB_ID))
     table, rows = text_rows(table, "image")
     samples = []

@@ -51,7 +51,7 @@ def split_names(split: str) -> tuple[str, ...]:
     return SPLIT_ALIASES.get(split, (split,))
 
 
-def local_files(root: Path, split: str, extension: str) -> list[str]:
+def local_files(root: Path, split: str, extension: str, subset: str | None = None) -> list[str]:
     """Files of one split in the usual layouts: `{split}-*.ext`, `data/{split}-*.ext`, `{split}/*.ext`."""
     for name in split_names(split):
         patterns = [
@@ -61,17 +61,37 @@ def local_files(root: Path, split: str, extension: str) -> list[str]:
             f"data/{name}.{extension}",
             f"{name}/*.{extension}",
             f"data/{name}/*.{extension}",
-            f"*/{name}-*.{extension}",
+            f"*/{name}-*.{extension}",  # a subset per folder (lmms-lab/DocVQA: DocVQA/, InfographicVQA/)
+            f"*/{name}/*.{extension}",  # the hub's refs/convert/parquet: default/{split}/0000.parquet
         ]
         for pattern in patterns:
             files = sorted(str(p) for p in root.glob(pattern))
             if files:
-                return files
+                return _one_subset(root, files, subset)
     return []
 
 
-def open_table(source: str, path: str | None, split: str, default_hub_id: str) -> Any:
-    """A `datasets.Dataset` for one split, from a local folder or (online) a hub id."""
+def _one_subset(root: Path, files: list[str], subset: str | None) -> list[str]:
+    """Files of one subset folder: `subset` if it is one of them, else the only one there is."""
+    parts = [Path(f).relative_to(root).parts for f in files]
+    folders = sorted({p[0] for p in parts})
+    if any(len(p) < 2 for p in parts) or len(folders) == 1:
+        return files
+    if subset in folders:
+        return [f for f in files if Path(f).relative_to(root).parts[0] == subset]
+    raise DataError(
+        f"{root} holds several subsets side by side ({', '.join(folders)}); point data.path at one "
+        f"of them, e.g. {root / folders[0]}"
+    )
+
+
+def open_table(
+    source: str, path: str | None, split: str, default_hub_id: str, subset: str | None = None
+) -> Any:
+    """A `datasets.Dataset` for one split, from a local folder or (online) a hub id.
+
+    `subset`: the folder to read when a snapshot holds several side by side (lmms-lab/DocVQA).
+    """
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is in the train extra
@@ -88,17 +108,27 @@ def open_table(source: str, path: str | None, split: str, default_hub_id: str) -
                     if name in loaded:
                         return loaded[name]
                 raise DataError(f"{source} at {root} has splits {', '.join(loaded)}, not {split!r}")
+            saved = str(loaded.split) if loaded.split is not None else None
+            if saved is None:
+                logger.warning("%s: %s holds one unnamed split; reading it as %r", source, root, split)
+            elif saved not in split_names(split):
+                raise DataError(
+                    f"{source}: {root} is a save_to_disk folder of the {saved!r} split only, not {split!r}; "
+                    f"use split {saved} or point data.path at the {split} folder"
+                )
             return loaded
         for extension, builder in (("parquet", "parquet"), ("arrow", "arrow")):
-            files = local_files(root, split, extension)
+            files = local_files(root, split, extension, subset)
             if files:
                 logger.info(
                     "%s %s: reading %d %s file(s) from %s", source, split, len(files), extension, root
                 )
                 return datasets.load_dataset(builder, data_files={"train": files}, split="train")
+        held = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:8])
         raise DataError(
-            f"{source}: no {split!r} split in {root} (looked for {split}-*.parquet / .arrow, data/{split}-*, "
-            f"{split}/*, or a save_to_disk folder)"
+            f"{source}: no {split!r} split in {root} (it holds {held or 'nothing'}); the layouts read are "
+            f"{split}-*.parquet / .arrow, data/{split}-*, {split}/*.parquet, CONFIG/{split}/*.parquet "
+            "(the hub's refs/convert/parquet) or a save_to_disk folder"
         )
     if root.exists() or not HUB_ID.fullmatch(location):
         raise DataError(f"{source}: {location} is neither a data folder nor a hub dataset id")

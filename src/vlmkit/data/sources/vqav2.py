@@ -60,34 +60,70 @@ def original_files(root: Path, split: str) -> tuple[Path, Path, str] | None:
     return (questions, root / f"v2_mscoco_{name}_annotations.json", name) if questions.is_file() else None
 
 
-def coco_image(root: Path, name: str, image_id: int) -> Path:
+def coco_image(root: Path, name: str, image_id: int, image_folder: Path | None = None) -> Path:
+    """COCO's file for `image_id`: under `image_folder` (the split's folder or its parent) when
+    given, else beside the JSON (`{split}/` or `images/{split}/`)."""
     folder = "test2015" if name.startswith("test") else name  # test-dev questions use test2015 images
-    for base in (root / folder, root / "images" / folder):
+    file = f"COCO_{folder}_{image_id:012d}.jpg"
+    bases = (
+        (image_folder / folder, image_folder) if image_folder else (root / folder, root / "images" / folder)
+    )
+    for base in bases:
+        if (base / file).is_file():
+            return base / file
+    for base in bases:
         if base.is_dir():
-            return base / f"COCO_{folder}_{image_id:012d}.jpg"
-    return root / folder / f"COCO_{folder}_{image_id:012d}.jpg"
+            return base / file
+    return bases[0] / file
 
 
-def load_original(root: Path, split: str, files: tuple[Path, Path, str], system: str | None) -> list[Sample]:
-    questions_file, annotations_file, name = files
+def _json_list(file: Path, key: str) -> list[dict[str, Any]]:
+    """`{key: [...]}` from a VQAv2 JSON file, or a one-line error naming the file and the fix."""
     try:
-        questions = json.loads(questions_file.read_text())["questions"]
-        annotations = (
-            {a["question_id"]: a for a in json.loads(annotations_file.read_text())["annotations"]}
-            if annotations_file.is_file()
-            else {}
+        content = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"vqav2: {file} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(content, dict) or not isinstance(content.get(key), list):
+        found = (
+            f"a JSON object with keys {', '.join(list(content)[:6])}"
+            if isinstance(content, dict)
+            else f"a JSON {type(content).__name__}"
         )
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise DataError(f"vqav2: {questions_file.parent} holds malformed VQAv2 JSON ({exc})") from None
+        raise DataError(f'vqav2: {file} is {found}; the official VQAv2 file is an object with a "{key}" list')
+    for number, item in enumerate(content[key]):
+        if not isinstance(item, dict) or "question_id" not in item:
+            raise DataError(f'vqav2: {file} {key}[{number}] is not an object with a "question_id"')
+    return content[key]
+
+
+def load_original(
+    root: Path,
+    split: str,
+    files: tuple[Path, Path, str],
+    system: str | None,
+    image_folder: Path | None = None,
+) -> list[Sample]:
+    questions_file, annotations_file, name = files
+    questions = _json_list(questions_file, "questions")
+    annotations = (
+        {a["question_id"]: a for a in _json_list(annotations_file, "annotations")}
+        if annotations_file.is_file()
+        else {}
+    )
     samples = []
-    for q in questions:
+    for number, q in enumerate(questions):
+        missing = [k for k in ("question", "image_id") if k not in q]
+        if missing:
+            raise DataError(
+                f"vqav2: {questions_file} question {number} (id {q['question_id']}) lacks {', '.join(missing)}"
+            )
         annotation = annotations.get(q["question_id"], {})
         meta = {"question_id": q["question_id"], "image_id": q["image_id"]}
         meta.update({k: annotation[k] for k in ("question_type", "answer_type") if k in annotation})
         samples.append(
             vqa_sample(
                 f"vqav2-{name}-{q['question_id']}",
-                str(coco_image(root, name, q["image_id"])),
+                str(coco_image(root, name, q["image_id"], image_folder)),
                 q["question"],
                 annotation.get("multiple_choice_answer"),
                 answer_texts(annotation.get("answers")),
@@ -99,13 +135,28 @@ def load_original(root: Path, split: str, files: tuple[Path, Path, str], system:
 
 
 @register_source("vqav2", default_metric="vqa_accuracy", prompt_suffix=SHORT_ANSWER, max_new_tokens=16)
-def load_vqav2(split: str = "train", path: str | None = None, system: str | None = None) -> list[Sample]:
+def load_vqav2(
+    split: str = "train",
+    path: str | None = None,
+    system: str | None = None,
+    image_folder: str | None = None,
+) -> list[Sample]:
     """`path`: a local folder in either layout, or a hub id (default HuggingFaceM4/VQAv2, online).
 
     `system` (option): a system prompt put before each question (chat-template models only).
+    `image_folder` (option, original layout): where COCO's `train2014/`, `val2014/`, `test2015/`
+    are (or one of them), when not beside the JSON files.
     """
     if path and Path(path).is_dir() and (files := original_files(Path(path), split)):
-        return load_original(Path(path), split, files, system)
+        folder = Path(image_folder) if image_folder else None
+        if folder is not None and not folder.is_dir():
+            raise DataError(f"vqav2: image_folder {folder} is not a folder; set it to COCO's image folder")
+        return load_original(Path(path), split, files, system, folder)
+    if image_folder:
+        raise DataError(
+            "vqav2: image_folder applies to the original JSON layout only (Hugging Face layouts hold "
+            f"their images); no v2_OpenEnded_mscoco_*{split}* questions file found in {path}"
+        )
     table = open_table("vqav2", path, split, HUB_ID)
     require_columns(table, "vqav2", NEEDED, where(path, HUB_ID))
     table, rows = text_rows(table, "image")
