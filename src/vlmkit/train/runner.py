@@ -304,5 +304,7 @@ def train(config: RunConfig, *, resume: bool | None = None, command: str | None 
             limit=config.eval.limit,
             model_name=str(result.model_dir),
             command=command,
+            on_bad_sample=config.data.on_bad_sample,
+            on_mismatch="restart",  # a re-trained model in the same run folder is evaluated afresh
         )
     return result
