@@ -46,3 +46,9 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 "${pip[@]}" install -q "${constraints[@]}" -e ".[${extras}]"
+# lmms-eval without its ~60 dependencies (the `lmms` extra holds what vlmkit's use of it imports), so
+# the lmms-eval CLI test runs in CI; LMMS_EVAL_SPEC=none skips it.
+lmms_spec=${LMMS_EVAL_SPEC:-lmms-eval>=0.7.3,<0.8}
+if [ "$lmms_spec" != none ] && [[ ",$extras," == *,dev,* || ",$extras," == *,lmms,* ]]; then
+  "${pip[@]}" install -q --no-deps "$lmms_spec"
+fi

@@ -96,7 +96,10 @@ def test_difference_interval_has_the_right_sign(tmp_path: Path) -> None:
     assert worse["difference"]["high"] < 0
     assert worse["flips"]["right_to_wrong"] == 20 and worse["flips"]["wrong_to_right"] == 0
     same = compare_evals(run_weak, run_weak, tmp_path / "same", n_bootstrap=300)
-    assert same["difference"]["low"] == same["difference"]["high"] == 0.0
+    # Newcombe's paired score interval (0/1 scores): contains 0, narrow, not a zero-width point
+    assert same["difference"]["estimate"] == 0.0
+    assert -0.05 < same["difference"]["low"] <= 0.0 <= same["difference"]["high"] < 0.05
+    assert same["difference"]["method"].startswith("Newcombe")
     assert "No significant difference" in (tmp_path / "same" / "comparison.md").read_text()
 
 

@@ -1,8 +1,6 @@
-"""VlmkitLMMS against lmms-eval's request interface, with Instance-shaped fake requests.
-
-lmms-eval is not installed in the test environment (it would replace the CPU torch), so the
-class is exercised through the documented `request.args` layouts; the registration tests run
-only where lmms-eval is importable.
+"""VlmkitLMMS against lmms-eval's request interface, with Instance-shaped fake requests, and
+lmms-eval's own CLI end to end (`make install` installs lmms-eval --no-deps plus the `lmms` extra;
+those tests skip only where lmms-eval is absent).
 """
 
 from __future__ import annotations
@@ -95,9 +93,13 @@ def test_generate_until_honours_until(lm: VlmkitLMMS) -> None:
 
 
 def test_loglikelihood_equals_loss_times_tokens(lm: VlmkitLMMS) -> None:
-    """Two independent paths: logits of an unlabelled forward vs the model's own summed loss."""
+    """Two independent paths: logits of an unlabelled forward vs the model's own summed loss.
+
+    lmms-eval's multiple-choice scorer takes np.argmin, so the value returned is -log P (> 0)."""
     doc = lm.task_dict[TASK][SPLIT][1]
-    [(logprob, _)] = loglikelihoods(lm, [ll_request(1, doc["question"], doc["answer"])])
+    [(negative, _)] = loglikelihoods(lm, [ll_request(1, doc["question"], doc["answer"])])
+    assert lmms_module.loglikelihood_convention() == "negative_logprob"
+    logprob = -negative
     sample = Sample(
         id="x",
         image=doc["image"],
@@ -129,7 +131,7 @@ def test_loglikelihood_greedy_flag(lm: VlmkitLMMS) -> None:
     )
     assert is_greedy is True
     assert not_greedy is False
-    assert lp_greedy <= 0 and lp_other < 0
+    assert lp_greedy >= 0 and lp_other > 0  # -log P
 
 
 def test_loglikelihood_callable_target_and_direct_helper(lm: VlmkitLMMS) -> None:
@@ -143,7 +145,8 @@ def test_loglikelihood_callable_target_and_direct_helper(lm: VlmkitLMMS) -> None
             {"role": "assistant", "content": doc["answer"]},
         ],
     )
-    assert via_callable == continuation_logprob(lm.adapter, sample)
+    logprob, greedy = continuation_logprob(lm.adapter, sample)
+    assert via_callable == (-logprob, greedy)
 
 
 def test_loglikelihood_without_image_is_a_clear_error(lm: VlmkitLMMS) -> None:
@@ -252,8 +255,8 @@ def test_loglikelihood_survives_lmms_eval_unwrapping(lm: VlmkitLMMS) -> None:
     doc = lm.task_dict[TASK][SPLIT][0]
     [raw] = lm.loglikelihood([ll_request(0, doc["question"], doc["answer"])])
     stored, _ = instance.unwrap_generation_output(raw)  # what lmms-eval's evaluator keeps
-    logprob, greedy = stored
-    assert isinstance(logprob, float) and logprob < 0 and isinstance(greedy, bool)
+    negative_logprob, greedy = stored
+    assert isinstance(negative_logprob, float) and negative_logprob > 0 and isinstance(greedy, bool)
 
 
 TASK_YAML = """
@@ -352,4 +355,98 @@ def test_end_to_end_lmms_eval(tiny_vlm_dir: Path, easyvqa_samples: list[Sample],
     assert 0.0 <= results["results"]["vlmkit_tiny_gen"]["exact_match,none"] <= 1.0
     assert 0.0 <= results["results"]["vlmkit_tiny_mc"]["acc,none"] <= 1.0
     choice_scores = results["samples"]["vlmkit_tiny_mc"][0]["filtered_resps"]
-    assert len(choice_scores) == 13 and all(isinstance(ll, float) and ll < 0 for ll, _ in choice_scores)
+    assert len(choice_scores) == 13 and all(isinstance(ll, float) and ll > 0 for ll, _ in choice_scores)
+
+
+def test_loglikelihood_convention_matches_installed_scorer() -> None:
+    """lmms-eval <= 0.7.3 picks multiple-choice answers with np.argmin: we must return -log P."""
+    pytest.importorskip("lmms_eval.api.task")
+    assert lmms_module.loglikelihood_convention() == "negative_logprob"
+
+
+def test_lmms_eval_cli_end_to_end(tiny_vlm_dir: Path, easyvqa_samples: list[Sample], tmp_path: Path) -> None:
+    """lmms-eval's own command line, `--model vlmkit` through the entry point, on two local tasks.
+
+    Each multiple-choice doc's gold answer is set to the choice vlmkit's log-probs rank first, so
+    the accuracy lmms-eval reports must be exactly 1.0 (taking the argmin of log-probs, the bug
+    this guards against, gives ~0), and every pick lmms-eval made must be that argmax.
+    """
+    pytest.importorskip("lmms_eval.__main__")
+    import json
+    import os
+    import subprocess
+
+    choices = TASK_UTILS.split("CHOICES = ")[1].split("]")[0] + "]"
+    choices_list = [
+        c.strip().strip('"') for c in choices.strip("[]").replace("\n", " ").split(",") if c.strip()
+    ]
+    adapter = VlmkitLMMS(pretrained=str(tiny_vlm_dir), device="cpu").adapter
+    rows, best = [], []
+    for sample in easyvqa_samples[:3]:
+        image = load_image(sample.image)
+        scores = [
+            continuation_logprob(
+                adapter,
+                Sample(
+                    id=sample.id,
+                    image=image,
+                    messages=[
+                        {"role": "user", "content": sample.question},
+                        {"role": "assistant", "content": choice},
+                    ],
+                ),
+            )[0]
+            for choice in choices_list
+        ]
+        top = max(range(len(scores)), key=scores.__getitem__)
+        best.append(top)
+        rows.append(
+            {"question": sample.question, "answer": choices_list[top], "image_path": str(sample.image)}
+        )
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "utils.py").write_text(TASK_UTILS)
+    gen_extra = "generation_kwargs:\n  max_new_tokens: 3\nprocess_results: !function utils.process_results"
+    (tmp_path / "gen.yaml").write_text(
+        TASK_YAML.format(
+            kind="gen",
+            data=data,
+            output_type="generate_until",
+            target="answer",
+            extra=gen_extra,
+            metric="exact_match",
+        )
+    )
+    (tmp_path / "mc.yaml").write_text(
+        TASK_YAML.format(
+            kind="mc",
+            data=data,
+            output_type="multiple_choice",
+            target="!function utils.doc_to_target_index",
+            extra="doc_to_choice: !function utils.doc_to_choice",
+            metric="acc",
+        )
+    )
+    out = tmp_path / "results"
+    command = [
+        sys.executable, "-m", "lmms_eval", "--model", "vlmkit",
+        "--model_args", f"pretrained={tiny_vlm_dir},device=cpu",
+        "--tasks", "vlmkit_tiny_gen,vlmkit_tiny_mc", "--include_path", str(tmp_path),
+        "--batch_size", "2", "--log_samples", "--output_path", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = sorted(out.rglob("*_results.json"))
+    assert len(found) == 1, (sorted(map(str, out.rglob("*"))), done.stdout[-2000:], done.stderr[-4000:])
+    [results_file] = found
+    results = json.loads(results_file.read_text())["results"]
+    assert results["vlmkit_tiny_mc"]["acc,none"] == 1.0
+    assert 0.0 <= results["vlmkit_tiny_gen"]["exact_match,none"] <= 1.0
+    [samples_file] = [p for p in out.rglob("*_samples_vlmkit_tiny_mc.jsonl")]
+    logged = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
+    assert len(logged) == len(rows)
+    for entry in logged:
+        values = [float(resp[0]) for resp in entry["filtered_resps"]]
+        assert all(value > 0 for value in values)  # -log P, what lmms-eval's argmin expects
+        assert min(range(len(values)), key=values.__getitem__) == best[entry["doc_id"]]

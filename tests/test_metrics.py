@@ -243,7 +243,8 @@ def test_registry_and_defaults() -> None:
         DEFAULT_METRIC_FOR_SOURCE["vqav2"] == "vqa_accuracy" and DEFAULT_METRIC_FOR_SOURCE["docvqa"] == "anls"
     )
     for name, metric in METRICS.items():  # every registered metric is (prediction, answers) -> [0, 1]
-        assert metric("red", ["red", "red", "red", "red"]) == pytest.approx(1.0), name
+        if name != "helm_bleu_4":  # one token has no 4-gram: HELM's bleu_4 is ~0 there (tested below)
+            assert metric("red", ["red", "red", "red", "red"]) == pytest.approx(1.0), name
         assert 0.0 <= metric("blue", ["red"]) <= 1.0
     with pytest.raises(ConfigError, match=r"unknown metric 'nope'.*vqa_accuracy"):
         get_metric("nope")
@@ -256,3 +257,79 @@ def test_aggregate_means_per_sample_scores() -> None:
         aggregate("exact_match", ["a"], [])
     with pytest.raises(DataError, match="no predictions"):
         aggregate("exact_match", [], [])
+
+
+# -- HELM BLEU -------------------------------------------------------------------------------------
+def _reference_helm_bleu(prediction: str, answers: list[str], order: int) -> float:
+    """HELM's bleu_1/bleu_4 written out: n-gram precision of one order (clipped counts) times the
+    brevity penalty, nltk's unsmoothed conventions (no unigram match: 0; no n-gram match: the
+    float minimum), max over references. Tokens from the same nltk tokenizer."""
+    import math
+    import sys
+    from collections import Counter
+
+    from vlmkit.eval.metrics import helm_tokenize
+
+    def grams(tokens: list[str], n: int) -> Counter:
+        return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+    best = 0.0
+    hyp = helm_tokenize(prediction)
+    for answer in answers:
+        ref = helm_tokenize(answer)
+        unigram_hits = sum((grams(hyp, 1) & grams(ref, 1)).values())
+        if unigram_hits == 0:
+            score = 0.0
+        else:
+            hits = sum((grams(hyp, order) & grams(ref, order)).values())
+            total = max(1, len(hyp) - order + 1)
+            precision = hits / total if hits else sys.float_info.min
+            penalty = 1.0 if len(hyp) > len(ref) else math.exp(1 - len(ref) / len(hyp))
+            score = penalty * precision
+        best = max(best, score)
+    return best
+
+
+def test_helm_bleu_matches_helm_definition_on_generated_cases() -> None:
+    pytest.importorskip("nltk")
+    import random
+
+    rng = random.Random(0)
+    vocab = ["the", "red", "cat", "sat", "on", "a", "mat", "blue", "two", "dogs", ".", ","]
+    checked = 0
+    for _ in range(400):
+        prediction = " ".join(rng.choice(vocab) for _ in range(rng.randint(0, 8)))
+        answers = [
+            " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 8))) for _ in range(rng.randint(1, 3))
+        ]
+        for name, order in (("helm_bleu_1", 1), ("helm_bleu_4", 4)):
+            got = METRICS[name](prediction, answers)
+            want = _reference_helm_bleu(prediction, answers, order)
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-300), (name, prediction, answers)
+            checked += 1
+    assert checked == 800
+
+
+def test_helm_bleu_known_values() -> None:
+    pytest.importorskip("nltk")
+    sentence = "the cat sat on the mat"
+    assert metrics.helm_bleu_4(sentence, [sentence]) == pytest.approx(1.0)
+    assert metrics.helm_bleu_1(sentence, [sentence]) == pytest.approx(1.0)
+    assert metrics.helm_bleu_4("yes", ["yes"]) < 1e-300  # no 4-gram: HELM's bleu_4 is ~0
+    assert metrics.helm_bleu_1("yes", ["yes"]) == 1.0
+    assert metrics.helm_bleu_1("two dogs", ["no", "two dogs"]) == 1.0  # max over references
+    assert metrics.helm_bleu_1("", ["yes"]) == 0.0
+    # not sacrebleu's: sacrebleu's smoothed, effective-order BLEU gives "yes" vs "yes" 1.0 too,
+    # but a 4-word answer with one wrong word differs
+    assert metrics.helm_bleu_4("a red cat sat", ["a red cat ran"]) < 1e-300
+    assert metrics.bleu("a red cat sat", ["a red cat ran"]) > 0.1
+
+
+def test_group_scores_are_computed_like_the_headline() -> None:
+    """Corpus BLEU: headline and group are corpus scores; mean metrics: the mean of stored scores."""
+    predictions = ["a red cat sat on the mat", "two dogs"]
+    answers = [["a red cat sat on a mat"], ["two dogs"]]
+    corpus = aggregate("bleu", predictions, answers)
+    assert metrics.group_score("bleu", predictions, answers, [0.0, 0.0]) == corpus
+    assert metrics.group_score("exact_match", ["x"], [["y"]], [1.0]) == 1.0
+    assert "corpus" in metrics.aggregation_of("bleu") and "mean" in metrics.aggregation_of("helm_bleu_4")

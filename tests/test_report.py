@@ -88,8 +88,9 @@ def test_report_files_exist_and_show_the_score(report_dir: Path) -> None:
 def test_report_breaks_scores_down_by_meta(report_dir: Path) -> None:
     markdown = (report_dir / "report.md").read_text()
     by_question = section(markdown, "## By question_type")
-    assert "| color | 4 | 1.0000 | 1.0000 – 1.0000 |" in by_question
-    assert "| shape | 2 | 0.0000 | 0.0000 – 0.0000 |" in by_question
+    # Wilson score intervals for 0/1 scores: never zero-width at 0% or 100% (4/4: 0.5101 - 1)
+    assert "| color | 4 | 1.0000 | 0.5101 – 1.0000 |" in by_question
+    assert "| shape | 2 | 0.0000 | 0.0000 – 0.6576 |" in by_question
     assert "| yes/no | 2 | 0.5000 |" in by_question
     assert "| other | 6 | 0.6667 |" in section(markdown, "## By answer_type")
     by_length = section(markdown, "## By answer length")

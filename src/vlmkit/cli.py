@@ -50,10 +50,13 @@ def print_eval_summary(summary: dict) -> None:
     table.add_column("group")
     table.add_column("n", justify="right")
     table.add_column("score", justify="right")
-    table.add_row("all", str(summary["n"]), f"{summary['score']:.4f}")
+    score = summary.get("score")
+    table.add_row("all", str(summary["n"]), "-" if score is None else f"{score:.4f}")
     for name, row in summary.get("by_question_type", {}).items():
         table.add_row(escape(str(name)), str(row["n"]), f"{row['score']:.4f}")
     console.print(table)
+    for note in summary.get("notes") or []:
+        console.print(f"note: {note}", highlight=False)
 
 
 @app.command()
@@ -96,7 +99,9 @@ def eval_(
         str | None, typer.Option("--data-path", help="Local folder/file of the source")
     ] = None,
     data_option: DataOptions = None,
-    limit: Annotated[int | None, typer.Option(help="Score only the first N samples")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Score only the first N samples (N >= 1; omit for all)")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default MODEL/../eval-DATA)")
@@ -109,6 +114,9 @@ def eval_(
         str | None, typer.Option("--prompt-suffix", help="Default: the source's")
     ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore earlier predictions in --out")] = False,
+    on_bad_sample: Annotated[
+        str, typer.Option("--on-bad-sample", help="fail (default) or skip: skip and count bad samples")
+    ] = "fail",
     task: Annotated[
         str, typer.Option("--task", help="vqa (generate answers) or zeroshot (CLIP classification)")
     ] = "vqa",
@@ -128,9 +136,10 @@ def eval_(
 
         raise ConfigError(f"unknown --task {task!r}; use vqa or zeroshot")
     from vlmkit.data.sources import data_spec, parse_options
-    from vlmkit.eval.runner import evaluate
+    from vlmkit.eval.runner import check_eval_options, evaluate
     from vlmkit.models.adapters import load_adapter
 
+    check_eval_options(metric, batch_size, limit, max_new_tokens, on_bad_sample)  # before the model loads
     spec = data_spec(data, path=data_path, options=parse_options(data_option))
     adapter = load_adapter(model)
     out = out or model.parent / f"eval-{data.replace(':', '-')}"
@@ -145,10 +154,27 @@ def eval_(
         limit=limit,
         resume=not fresh,
         model_name=str(model),
+        model_dir=model,
         command=command_line(),
+        on_bad_sample=on_bad_sample,  # type: ignore[arg-type]
     )
     print_eval_summary(summary)
     console.print(f"predictions and summary in [bold]{escape(str(out))}[/bold]")
+
+
+@app.command()
+def rescore(
+    eval_dir: Annotated[Path, typer.Argument(help="Eval folder written by `vlmkit eval`")],
+    metric: Annotated[str, typer.Option("--metric", help="Metric to re-score the stored predictions with")],
+) -> None:
+    """Re-score an eval folder's predictions with another metric, without generating again."""
+    from vlmkit.eval.runner import check_eval_options
+    from vlmkit.eval.runner import rescore as run_rescore
+
+    check_eval_options(metric)
+    summary = run_rescore(eval_dir, metric, command=command_line())
+    print_eval_summary(summary)
+    console.print(f"summary and report rewritten in [bold]{escape(str(eval_dir))}[/bold]")
 
 
 @app.command()

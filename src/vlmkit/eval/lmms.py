@@ -203,11 +203,15 @@ class VlmkitLMMS(_LmmsBase):
         return [text or "" for text in results]
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[Any]:
-        """(log P(continuation | image, context), whether greedy decoding would produce it) per request.
+        """(score, whether greedy decoding would produce the continuation) per request, where the
+        score follows the installed lmms-eval's convention (`loglikelihood_convention`): for every
+        release up to 0.7.3 the negative log-probability, because its multiple-choice scorer takes
+        `np.argmin`; a true log-probability if the installed scorer takes the argmax.
 
         Under lmms-eval 0.7, whose evaluator would turn these tuples into strings, each comes
         wrapped in a `GenerationResult` whose `.text` is the tuple (see `_loglikelihood_wrapper`).
         """
+        sign = -1.0 if loglikelihood_convention() == "negative_logprob" else 1.0
         results = []
         for request in requests:
             args = request.args
@@ -223,7 +227,8 @@ class VlmkitLMMS(_LmmsBase):
                 continuation = continuation[0]
             where = f"{task}/{split}/{doc_id}"
             sample = self._sample(context, doc_to_visual(doc), where, continuation=str(continuation))
-            result = continuation_logprob(self.adapter, sample)
+            logprob, greedy = continuation_logprob(self.adapter, sample)
+            result = (sign * logprob + 0.0, greedy)  # + 0.0: no -0.0 for an empty continuation
             self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
             results.append(result)
         wrap = _loglikelihood_wrapper()
@@ -312,6 +317,56 @@ def continuation_logprob(adapter: ModelAdapter, sample: Sample) -> tuple[float, 
     return float(total), greedy
 
 
+_CONVENTION: dict[str, str] = {}
+
+
+class _ChoiceProbe:
+    """The attributes `ConfigurableTask.process_results` reads for a 2-way multiple-choice doc."""
+
+    OUTPUT_TYPE = "multiple_choice"
+    multiple_input = 0
+    multiple_target = 0
+
+    def __init__(self) -> None:
+        self._metric_fn_list: dict[str, Any] = {"acc": None}
+
+    class config:
+        process_results = None
+
+    def doc_to_choice(self, doc: Any) -> list[str]:
+        return ["a", "b"]
+
+    def doc_to_target(self, doc: Any) -> int:
+        return 0
+
+
+def loglikelihood_convention() -> str:
+    """What the installed lmms-eval's multiple-choice scorer expects from `loglikelihood`.
+
+    "negative_logprob" when it picks the choice with the *smallest* value (`np.argmin`, every
+    release up to 0.7.3 at least: its own models return a positive loss), "logprob" when it picks
+    the largest. Probed by running the installed `ConfigurableTask.process_results` on a 2-way
+    doc whose right answer has the higher log-probability, so a future change is followed; if the
+    probe cannot run (no lmms-eval, changed internals) "negative_logprob" is assumed.
+    """
+    if "value" in _CONVENTION:
+        return _CONVENTION["value"]
+    convention = "negative_logprob"
+    if HAVE_LMMS_EVAL:
+        try:
+            from lmms_eval.api.task import ConfigurableTask
+
+            process = getattr(
+                ConfigurableTask.process_results, "__wrapped__", ConfigurableTask.process_results
+            )
+            scored = process(_ChoiceProbe(), {}, [(-1.0, False), (-5.0, False)])  # choice 0: more likely
+            convention = "logprob" if float(scored["acc"]) == 1.0 else "negative_logprob"
+        except Exception as exc:
+            logger.warning("could not probe lmms-eval's multiple-choice scorer (%s); returning -log P", exc)
+    _CONVENTION["value"] = convention
+    return convention
+
+
 def _loglikelihood_wrapper() -> Callable[[tuple[float, bool]], Any] | None:
     """A wrapper that gets (logprob, is_greedy) through lmms-eval's evaluator unchanged, if needed.
 
@@ -366,5 +421,6 @@ __all__ = [
     "VlmkitLMMS",
     "continuation_logprob",
     "lmms_eval_manifest",
+    "loglikelihood_convention",
     "register_with_lmms_eval",
 ]

@@ -447,6 +447,67 @@ def bleu_from_statistics(statistics: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# HELM's BLEU: stanford-crfm/helm src/helm/benchmark/metrics/evaluate_reference_metrics.py
+# `bleu_1` / `bleu_4`, max over references (`compute_metrics_helper`). nltk is the `eval` extra.
+# --------------------------------------------------------------------------------------------
+
+#: How `helm_tokenize` split text in this process: "punkt" (HELM's `word_tokenize`, which needs
+#: nltk's punkt_tab data) or "treebank" (no punkt data: the same tokenizer without the sentence
+#: split first; identical on single-sentence text). Recorded in summary.json.
+HELM_TOKENIZER: dict[str, str] = {}
+
+
+def _nltk() -> ModuleType:
+    try:
+        import nltk
+    except ImportError:
+        raise ConfigError("helm_bleu_* needs nltk; install it with `pip install 'vlmkit[eval]'`") from None
+    return nltk
+
+
+def helm_tokenize(text: str) -> list[str]:
+    """nltk `word_tokenize(text)` as HELM calls it; without punkt data, `preserve_line=True`."""
+    nltk = _nltk()
+    mode = HELM_TOKENIZER.get("mode")
+    if mode is None:
+        try:
+            nltk.data.find("tokenizers/punkt_tab/english/")
+            mode = "punkt"
+        except LookupError:
+            mode = "treebank"
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "nltk punkt_tab data not found: helm_bleu tokenizes without sentence splitting "
+                "(equal to HELM on single-sentence answers); `python -m nltk.downloader punkt_tab` adds it"
+            )
+        HELM_TOKENIZER["mode"] = mode
+    return nltk.word_tokenize(text, preserve_line=mode == "treebank")
+
+
+def _helm_sentence_bleu(gold: str, pred: str, weights: tuple[float, ...]) -> float:
+    import warnings
+
+    _nltk()
+    from nltk.translate.bleu_score import sentence_bleu
+
+    with warnings.catch_warnings():  # nltk warns on every zero n-gram count; HELM ignores it too
+        warnings.simplefilter("ignore")
+        return float(sentence_bleu([helm_tokenize(gold)], helm_tokenize(pred), weights=weights))
+
+
+def helm_bleu_1(prediction: str, answers: Sequence[str]) -> float:
+    """HELM `bleu_1`: nltk sentence BLEU with weights (1, 0, 0, 0), unsmoothed, max over references."""
+    return max((_helm_sentence_bleu(a, prediction, (1, 0, 0, 0)) for a in answers), default=0.0)
+
+
+def helm_bleu_4(prediction: str, answers: Sequence[str]) -> float:
+    """HELM `bleu_4`: weights (0, 0, 0, 1), i.e. the 4-gram precision alone times the brevity
+    penalty; below 4 tokens there is no 4-gram and the score is ~0 (nltk's 2.2e-308)."""
+    return max((_helm_sentence_bleu(a, prediction, (0, 0, 0, 1)) for a in answers), default=0.0)
+
+
+# --------------------------------------------------------------------------------------------
 # Registries.
 # --------------------------------------------------------------------------------------------
 
@@ -459,6 +520,8 @@ METRICS: dict[str, Metric] = {
     "quasi_exact_match": quasi_exact_match,
     "quasi_prefix_exact_match": quasi_prefix_exact_match,
     "bleu": bleu,
+    "helm_bleu_1": helm_bleu_1,
+    "helm_bleu_4": helm_bleu_4,
 }
 
 #: Metrics whose corpus score is not the mean of the per-sample scores.
@@ -503,3 +566,23 @@ def aggregate(name: str, predictions: Sequence[str], answers_list: Sequence[Sequ
     if name in CORPUS_METRICS:
         return CORPUS_METRICS[name](predictions, answers_list)
     return float(np.mean([metric(p, a) for p, a in zip(predictions, answers_list, strict=True)]))
+
+
+def aggregation_of(name: str) -> str:
+    """How `name`'s corpus (and every group's) score is formed, in words, for summaries and reports."""
+    get_metric(name)
+    if name in CORPUS_METRICS:
+        return f"corpus {name} of the group's predictions (n-gram counts pooled), not a mean"
+    return f"mean of per-sample {name}"
+
+
+def group_score(
+    name: str, predictions: Sequence[str], answers_list: Sequence[Sequence[str]], scores: Sequence[float]
+) -> float:
+    """A group's score, computed exactly as the headline is: `aggregate` for corpus metrics, else
+    the mean of the stored per-sample scores."""
+    if name in CORPUS_METRICS:
+        return aggregate(name, predictions, answers_list)
+    if not scores:
+        raise DataError(f"no scores to aggregate with {name}")
+    return float(np.mean(scores))

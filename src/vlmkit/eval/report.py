@@ -28,7 +28,7 @@ import numpy as np
 
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.metrics import CORPUS_STATISTICS
-from vlmkit.eval.stats import Interval, Statistic, bootstrap_ci
+from vlmkit.eval.stats import Interval, Statistic, score_ci
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,11 @@ class EvalRecord:
     question: str = ""
     image: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    scored: bool = True  # False: no reference answer, `score` is a placeholder 0 and never used
 
     @property
     def correct(self) -> bool:
-        return self.score >= CORRECT_THRESHOLD
+        return self.scored and self.score >= CORRECT_THRESHOLD
 
 
 @dataclass
@@ -65,6 +66,11 @@ class EvalRun:
     path: Path
     summary: dict[str, Any]
     records: list[EvalRecord]
+
+    @property
+    def scored(self) -> list[EvalRecord]:
+        """The records with reference answers: the only ones any score is computed from."""
+        return [record for record in self.records if record.scored]
 
     @property
     def metric(self) -> str:
@@ -86,8 +92,9 @@ def _record(raw: Any, where: str) -> EvalRecord:
     answers = raw.get("answers") or []
     if isinstance(answers, str):
         answers = [answers]
+    scored = raw["score"] is not None
     try:
-        score = float(raw["score"])
+        score = float(raw["score"]) if scored else 0.0
     except (TypeError, ValueError):
         raise DataError(f"{where} has a non-numeric score {raw['score']!r}") from None
     meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
@@ -99,7 +106,13 @@ def _record(raw: Any, where: str) -> EvalRecord:
         question=str(raw.get("question") or ""),
         image=str(raw["image"]) if raw.get("image") else None,
         meta=meta,
+        scored=scored,
     )
+
+
+def to_record(raw: dict[str, Any]) -> EvalRecord:
+    """A predictions.jsonl row (as the runner writes it) as an EvalRecord."""
+    return _record(raw, f"prediction {raw.get('id')!r}")
 
 
 def load_eval(eval_dir: str | Path) -> EvalRun:
@@ -151,7 +164,7 @@ class Scoring:
 
     def interval(self, mask: np.ndarray | None = None, n: int = 1000, seed: int = 0) -> Interval:
         values = self.values if mask is None else self.values[mask]
-        return bootstrap_ci(values, n=n, seed=seed, statistic=self.statistic)
+        return score_ci(values, n=n, seed=seed, statistic=self.statistic)
 
 
 def scoring_for(metric: str, records: Sequence[EvalRecord]) -> Scoring:
@@ -254,43 +267,94 @@ def data_uri(data: bytes, mime: str) -> str:
 
 
 # -- plots ------------------------------------------------------------------------------------
-def bar_plot_png(rows: Sequence[GroupRow], title: str, xlabel: str, horizontal: bool = False) -> bytes:
-    """A bar chart of scores with their intervals as error bars, as PNG bytes (Agg, no pyplot)."""
+def fitted_limits(lows: Sequence[float], highs: Sequence[float]) -> tuple[float, float]:
+    """An x range fitted to the intervals (so 0.990 vs 0.998 is visible), padded, within [0, 1]
+    when the scores are; it starts at 0 only when the data come near it."""
+    low, high = min(lows, default=0.0), max(highs, default=1.0)
+    span = max(high - low, 0.02)
+    lo, hi = low - 0.15 * span, high + 0.15 * span
+    if low >= 0.0 and high <= 1.0:
+        lo, hi = max(0.0, lo), min(1.0, hi)
+        if lo < 0.1:
+            lo = 0.0
+    if hi - lo < 0.02:
+        hi = lo + 0.02
+    return lo, hi
+
+
+def interval_plot_figure(
+    labels: Sequence[str],
+    series: Sequence[tuple[str, Sequence[Interval]]],
+    title: str,
+    ylabel: str,
+    xlabel: str = "score",
+) -> Any:
+    """Scores as points with interval whiskers, one row per group (several series side by side).
+
+    Points, not bars: the x axis is fitted to the data, which bars from a non-zero baseline would
+    misrepresent. Labels sit on the y axis (never overlap), the title is wrapped to the figure
+    width and constrained layout keeps every text inside the figure.
+    """
+    import textwrap
+
     from matplotlib.figure import Figure
 
-    rows = list(rows)[:MAX_PLOTTED_CATEGORIES]
-    labels = [f"{row.group} (n={row.n})" for row in rows]
-    values = np.asarray([row.interval.estimate for row in rows])
-    errors = np.asarray(
-        [
-            [max(row.interval.estimate - row.interval.low, 0.0) for row in rows],
-            [max(row.interval.high - row.interval.estimate, 0.0) for row in rows],
-        ]
+    labels = list(labels)[:MAX_PLOTTED_CATEGORIES]
+    count = max(len(labels), 1)
+    width = 7.0
+    figure = Figure(
+        figsize=(width, 1.5 + 0.32 * count * max(1, len(series)) ** 0.5), dpi=100, layout="constrained"
     )
-    if horizontal:
-        figure = Figure(figsize=(7.0, 1.2 + 0.28 * max(len(rows), 1)), dpi=100)
-        axes = figure.subplots()
-        positions = np.arange(len(rows))[::-1]
-        axes.barh(positions, values, xerr=errors, color="#4C72B0", ecolor="#333333", capsize=2)
-        axes.set_yticks(positions, labels, fontsize=8)
-        axes.set_xlim(0, max(1.0, float(values.max(initial=0)) * 1.05))
-        axes.set_xlabel("score")
-        axes.set_ylabel(xlabel)
-    else:
-        figure = Figure(figsize=(max(4.0, 0.9 * len(rows) + 2.0), 3.6), dpi=100)
-        axes = figure.subplots()
-        positions = np.arange(len(rows))
-        axes.bar(positions, values, yerr=errors, color="#4C72B0", ecolor="#333333", capsize=3)
-        axes.set_xticks(positions, labels, fontsize=8)
-        axes.set_ylim(0, max(1.0, float(values.max(initial=0)) * 1.05))
-        axes.set_ylabel("score")
-        axes.set_xlabel(xlabel)
-    axes.set_title(title, fontsize=10)
-    axes.grid(axis="x" if horizontal else "y", alpha=0.3)
-    figure.tight_layout()
+    axes = figure.subplots()
+    colours = ("#4C72B0", "#DD8452", "#55A868")
+    offsets = np.linspace(-0.18, 0.18, len(series)) if len(series) > 1 else np.zeros(1)
+    lows, highs = [], []
+    positions = np.arange(len(labels))[::-1]
+    for (name, intervals), offset, colour in zip(series, offsets, colours, strict=False):
+        intervals = list(intervals)[: len(labels)]
+        est = np.asarray([i.estimate for i in intervals])
+        err = np.asarray(
+            [
+                [max(i.estimate - i.low, 0.0) for i in intervals],
+                [max(i.high - i.estimate, 0.0) for i in intervals],
+            ]
+        )
+        axes.errorbar(
+            est, positions[: len(intervals)] + offset, xerr=err, fmt="o", color=colour, ecolor=colour,
+            capsize=3, markersize=5, label=name,
+        )  # fmt: skip
+        lows += [i.low for i in intervals]
+        highs += [i.high for i in intervals]
+    axes.set_yticks(positions, [textwrap.shorten(label, 40, placeholder="…") for label in labels], fontsize=8)
+    axes.set_ylim(-0.7, len(labels) - 0.3)
+    axes.set_xlim(*fitted_limits(lows, highs))
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(axis="x", alpha=0.3)
+    if len(series) > 1:
+        axes.legend(fontsize=8, loc="best")
+    axes.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=10)
+    return figure
+
+
+def figure_png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def bar_plot_png(rows: Sequence[GroupRow], title: str, xlabel: str, horizontal: bool = True) -> bytes:
+    """Scores per group with their intervals, as PNG bytes (Agg, no pyplot). `horizontal` is kept
+    for callers; every plot now puts the groups on the y axis."""
+    del horizontal
+    rows = list(rows)
+    figure = interval_plot_figure(
+        [f"{row.group} (n={row.n})" for row in rows],
+        [("score", [row.interval for row in rows])],
+        title,
+        xlabel,
+    )
+    return figure_png(figure)
 
 
 # -- rendering helpers --------------------------------------------------------------------------
@@ -378,7 +442,7 @@ def _plots(breakdowns: dict[str, list[GroupRow]], length_rows: list[GroupRow], m
     for key, rows in breakdowns.items():
         if rows:
             title = f"{metric} by {key}"
-            png = bar_plot_png(rows, title, key, horizontal=len(rows) > 6)
+            png = bar_plot_png(rows, title, key)
             plots.append(_Plot(title, f"score_by_{key}.png", png))
     if length_rows:
         title = f"{metric} by answer length (words of the most common reference)"
@@ -389,7 +453,7 @@ def _plots(breakdowns: dict[str, list[GroupRow]], length_rows: list[GroupRow], m
 def _gallery(run: EvalRun, limit: int, assets: Path) -> list[_Card]:
     for stale in (assets / "thumbs").glob("[0-9][0-9][0-9][0-9].jpg"):
         stale.unlink()  # thumbnails of a previous report of this folder
-    wrong = [record for record in run.records if not record.correct]
+    wrong = [record for record in run.scored if not record.correct]
     wrong.sort(key=lambda record: record.score)  # stable: file order within equal scores
     cards = []
     for index, record in enumerate(wrong[:limit]):
@@ -413,22 +477,29 @@ def write_report(
     run = load_eval(eval_dir)
     assets = run.path / ASSETS_DIR
     (assets / "thumbs").mkdir(parents=True, exist_ok=True)
+    for stale in assets.glob("score_by_*.png"):
+        stale.unlink()  # plots of a previous report (another metric, or a scored run)
     metric = run.metric
-    scoring = scoring_for(metric, run.records)
+    scored = run.scored
+    if not scored:
+        _write_predictions_only(run)
+        return
+    scoring = scoring_for(metric, scored)
     overall = scoring.interval(n=n_bootstrap, seed=seed)
     breakdowns = {
-        key: breakdown([r.meta.get(key) for r in run.records], scoring, n=n_bootstrap, seed=seed)
-        for key in category_keys(run.records)
+        key: breakdown([r.meta.get(key) for r in scored], scoring, n=n_bootstrap, seed=seed)
+        for key in category_keys(scored)
     }
-    buckets = [length_bucket(record.answers) for record in run.records]
+    buckets = [length_bucket(record.answers) for record in scored]
     order = [bucket for bucket in ("0", *LENGTH_BUCKETS) if bucket in buckets]
     length_rows = breakdown(buckets, scoring, n=n_bootstrap, seed=seed, order=order)
     plots = _plots(breakdowns, length_rows, metric)
     for plot in plots:
         (assets / plot.filename).write_bytes(plot.png)
     cards = _gallery(run, gallery_size, assets)
-    n_wrong = sum(not record.correct for record in run.records)
-    headline = float(run.summary.get("score", overall.estimate))
+    n_wrong = sum(not record.correct for record in scored)
+    stored = run.summary.get("score")
+    headline = float(stored) if stored is not None else overall.estimate
     context = _ReportContext(
         run, metric, headline, overall, scoring, breakdowns, length_rows, plots, cards, n_wrong
     )
@@ -451,23 +522,73 @@ class _ReportContext:
     n_wrong: int
 
 
+#: Summary keys shown elsewhere in the report (score line, tables, notes), not in the run table.
+_NOT_FACTS = ("score", "interval", "by_question_type", "by_answer_type", "notes")
+
+
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested summary values as dotted (key, text) rows, so no setting is dropped from a table."""
+    if isinstance(value, dict):
+        if not value and prefix:
+            return [(prefix, "{}")]
+        out: list[tuple[str, str]] = []
+        for key, item in value.items():
+            out += flatten(item, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(value, list):
+        return [(prefix, ", ".join(map(str, value)) if value else "[]")]
+    return [(prefix, repr(value) if isinstance(value, str) and value != value.strip() else str(value))]
+
+
 def _facts(run: EvalRun) -> list[tuple[str, str]]:
-    keys = ("model", "data", "metric", "n", "created", "command")
+    """Every setting and provenance fact of the summary (nested ones dotted), key facts first."""
+    keys = ("model", "data", "metric", "aggregation", "n", "n_unscored", "created", "command")
     facts = [(key, str(run.summary[key])) for key in keys if key in run.summary]
-    extra = [
-        k for k in run.summary if k not in (*keys, "score") and not isinstance(run.summary[k], dict | list)
+    rest = {k: v for k, v in run.summary.items() if k not in (*keys, *_NOT_FACTS)}
+    return facts + flatten(rest)
+
+
+def _write_predictions_only(run: EvalRun) -> None:
+    """The report of a split without reference answers: settings, counts, the first predictions."""
+    esc = html.escape
+    note = "No sample has a reference answer: predictions only, nothing is scored."
+    submission = run.summary.get("submission")
+    if submission:
+        note += f" Submission file for the benchmark's server: {submission}."
+    rows = [(r.id, r.question, r.prediction) for r in run.records[:50]]
+    lines = [
+        f"# Eval report: {md_cell(run.label)}",
+        "",
+        *md_table(["run", ""], _facts(run)),
+        "",
+        f"**{note}**",
     ]
-    return facts + [(key, str(run.summary[key])) for key in extra]
+    lines += ["", f"## First predictions ({len(rows)} of {len(run.records)})", ""]
+    lines += md_table(["id", "question", "prediction"], rows)
+    (run.path / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    body = [
+        f"<h1>Eval report: {esc(run.label)}</h1>",
+        html_table(["run", ""], _facts(run)),
+        f'<p class="score">{esc(note)}</p>',
+        f"<h2>First predictions ({len(rows)} of {len(run.records)})</h2>",
+        html_table(["id", "question", "prediction"], rows),
+    ]
+    (run.path / "report.html").write_text(html_page(f"Eval report: {run.label}", body), encoding="utf-8")
 
 
 def _score_lines(ctx: _ReportContext, n_bootstrap: int) -> tuple[str, str]:
     level = round(ctx.overall.level * 100)
-    interval = f"{level}% CI {fmt_interval(ctx.overall)} (percentile bootstrap, {n_bootstrap} resamples)"
+    method = ctx.overall.method
+    if "bootstrap" in method and "zero width" not in method:
+        method = f"{method}, {n_bootstrap} resamples"
+    interval = f"{level}% CI {fmt_interval(ctx.overall)} ({method})"
     note = ""
     if abs(ctx.headline - ctx.overall.estimate) >= 5e-5:  # visible at the 4 decimals shown
         note = f"recomputed from predictions.jsonl: {fmt(ctx.overall.estimate)}"
     if ctx.scoring.note:
         note = "; ".join(part for part in (note, ctx.scoring.note) if part)
+    notes = [str(item) for item in ctx.run.summary.get("notes") or []]
+    note = "; ".join(part for part in (note, *notes) if part)
     return interval, note
 
 

@@ -1,7 +1,11 @@
 """The eval loop: batched greedy generation, resumable per-sample JSONL, summary JSON.
 
 A restarted run skips the sample ids already in its predictions.jsonl, so a long evaluation
-that dies loses at most one batch.
+that dies loses at most one batch. The folder's fingerprint.json (model content hash, data spec,
+prompt suffix, generation settings, metric, vlmkit version) guards that: predictions made by a
+different run are never mixed in; the restart refuses in one line (`fresh=True` starts over).
+A sample without reference answers is predicted but never scored (test splits); `rescore`
+re-scores stored predictions with another metric without generating.
 """
 
 from __future__ import annotations
@@ -9,21 +13,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
 from vlmkit.data.sample import Sample
 from vlmkit.data.sources import DataSpec, eval_defaults, load_samples
-from vlmkit.eval.metrics import aggregate, get_metric
+from vlmkit.errors import ConfigError, DataError, SampleError
+from vlmkit.eval.metrics import CORPUS_METRICS, aggregation_of, get_metric, group_score
+from vlmkit.eval.provenance import digest, environment, model_fingerprint, module_fingerprint
 from vlmkit.models.adapters.base import ModelAdapter
 
 logger = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "fingerprint.json"
+BAD_SAMPLES_FILE = "bad_samples.jsonl"
+#: Keys of fingerprint.json that must match for a restart to reuse predictions.
+FINGERPRINT_KEYS = ("model", "data", "prompt_suffix", "max_new_tokens", "do_sample", "metric", "vlmkit")
+#: Official submission formats: source -> (file name, id key in the file, meta key holding it).
+SUBMISSION_FORMATS = {
+    "vqav2": ("vqav2_{split}_results.json", "question_id", "question_id"),
+    "docvqa": ("docvqa_{split}_submission.json", "questionId", "questionId"),
+}
+MAX_LISTED_BAD = 100
 
 
 def with_prompt_suffix(sample: Sample, suffix: str) -> Sample:
@@ -47,13 +65,193 @@ def read_done(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def breakdown(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, float]]:
-    groups: dict[str, list[float]] = defaultdict(list)
+def is_scored(row: dict[str, Any]) -> bool:
+    """Rows of samples without reference answers carry `score: null` and are left out of scores."""
+    return row.get("score") is not None
+
+
+def check_eval_options(
+    metric: str | None = None,
+    batch_size: int = 32,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    on_bad_sample: str = "fail",
+) -> None:
+    """One-line errors for bad eval options, cheap enough to run before any model loads."""
+    if metric is not None:
+        get_metric(metric)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be at least 1")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit} must be at least 1; leave it out to score every sample")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    if on_bad_sample not in ("skip", "fail"):
+        raise ConfigError(f"on_bad_sample {on_bad_sample!r} is not supported; use skip or fail")
+
+
+def breakdown(rows: list[dict[str, Any]], key: str, metric: str) -> dict[str, dict[str, float]]:
+    """Per meta[key] group: score (as the headline is computed) and n, over scored rows."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        value = row.get("meta", {}).get(key)
-        if value is not None:
-            groups[str(value)].append(row["score"])
-    return {name: {"score": sum(s) / len(s), "n": len(s)} for name, s in sorted(groups.items())}
+        value = (row.get("meta") or {}).get(key)
+        if value is not None and is_scored(row):
+            groups[str(value)].append(row)
+    return {
+        name: {"score": _score(metric, members), "n": len(members)}
+        for name, members in sorted(groups.items())
+    }
+
+
+def _score(metric: str, rows: list[dict[str, Any]]) -> float:
+    return group_score(
+        metric, [r["prediction"] for r in rows], [r["answers"] for r in rows], [r["score"] for r in rows]
+    )
+
+
+def _data_identity(data: DataSpec | list[Sample]) -> dict[str, Any]:
+    if isinstance(data, DataSpec):
+        return data.model_dump(mode="json", exclude={"limit"})
+    return {"samples": digest([[s.id, s.question, s.answers] for s in data])}
+
+
+def _model_identity(adapter: ModelAdapter, model_dir: Path | None) -> str:
+    if model_dir is not None and model_dir.is_dir():
+        return model_fingerprint(model_dir)
+    return module_fingerprint(adapter.model)
+
+
+def _check_fingerprint(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    path = out_dir / FINGERPRINT_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{out_dir} holds predictions without a {FINGERPRINT_FILE} (an older or foreign eval); "
+            "pass --fresh to start over there, or choose another --out"
+        )
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{path} is not valid JSON; pass --fresh to start over") from None
+    differ = [key for key in FINGERPRINT_KEYS if stored.get(key) != fingerprint.get(key)]
+    if not differ:
+        return
+    hint = "pass --fresh to start over there, or choose another --out"
+    if differ == ["metric"]:
+        hint = (
+            f"run `vlmkit rescore {out_dir} --metric {fingerprint['metric']}` to re-score them, "
+            "or pass --fresh"
+        )
+    details = "; ".join(f"{key}: {stored.get(key)!r} -> {fingerprint.get(key)!r}" for key in differ)
+    raise ConfigError(f"{out_dir} holds predictions of a different eval ({details}); {hint}")
+
+
+def build_summary(
+    rows: list[dict[str, Any]],
+    metric: str,
+    base: dict[str, Any],
+) -> dict[str, Any]:
+    """summary.json from prediction rows: headline, interval and groups all computed one way."""
+    from vlmkit.eval.report import Scoring, scoring_for, to_record
+
+    scored = [row for row in rows if is_scored(row)]
+    notes = list(base.pop("notes", []))
+    summary: dict[str, Any] = {"metric": metric, "aggregation": aggregation_of(metric)}
+    if scored:
+        scoring: Scoring = scoring_for(metric, [to_record(row) for row in scored])
+        interval = scoring.interval()
+        summary["score"] = _score(metric, scored)
+        summary["interval"] = interval.to_dict()
+    else:
+        summary["score"] = None
+        summary["interval"] = None
+        notes.append(
+            "no sample has a reference answer: predictions only, nothing scored "
+            "(submit the predictions or the submission file to the benchmark's server)"
+        )
+    unscored = len(rows) - len(scored)
+    if scored and unscored:
+        notes.append(f"{unscored} of {len(rows)} samples have no reference answer and are not scored")
+    if metric in CORPUS_METRICS and scored and all(len(r["prediction"].split()) < 4 for r in scored):
+        notes.append(
+            f"every prediction is shorter than 4 words, so corpus BLEU-4 ({metric}) is 0 by "
+            "definition; use helm_bleu_1, quasi_exact_match or exact_match for short answers"
+        )
+    if metric.startswith("helm_bleu"):
+        from vlmkit.eval.metrics import HELM_TOKENIZER
+
+        mode = HELM_TOKENIZER.get("mode")
+        if mode == "treebank":
+            notes.append("nltk punkt_tab data absent: HELM BLEU tokenized without sentence splitting")
+    summary.update(
+        {
+            "n": len(scored),
+            "n_unscored": unscored,
+            "n_predictions": len(rows),
+            **base,
+            "by_question_type": breakdown(rows, "question_type", metric),
+            "by_answer_type": breakdown(rows, "answer_type", metric),
+            "notes": notes,
+        }
+    )
+    return summary
+
+
+def _write_submission(
+    out_dir: Path, source: str | None, split: str, rows: list[dict[str, Any]]
+) -> str | None:
+    """The official results file for a test split (VQAv2 server, DocVQA RRC), else nothing."""
+    if source not in SUBMISSION_FORMATS or "test" not in split.lower():
+        return None
+    filename, file_key, meta_key = SUBMISSION_FORMATS[source]
+    entries = []
+    for row in rows:
+        value = (row.get("meta") or {}).get(meta_key)
+        if value is None:
+            value = str(row["id"]).rsplit("-", 1)[-1]
+        try:
+            question_id: int | str = int(value)
+        except (TypeError, ValueError):
+            question_id = str(value)
+        entries.append({file_key: question_id, "answer": row["prediction"]})
+    name = filename.format(split=split)
+    (out_dir / name).write_text(json.dumps(entries))
+    return name
+
+
+def _bad_ids(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _generate_batch(
+    adapter: ModelAdapter,
+    batch: list[Sample],
+    prompt_suffix: str,
+    max_new_tokens: int,
+    on_bad_sample: Literal["skip", "fail"],
+    bad_path: Path,
+) -> list[tuple[Sample, str]]:
+    """Answers for a batch; a bad sample fails the run or (skip) is logged once and left out."""
+    prompts = [with_prompt_suffix(s, prompt_suffix) for s in batch]
+    try:
+        return list(zip(batch, adapter.generate(prompts, max_new_tokens=max_new_tokens), strict=True))
+    except SampleError as error:
+        if on_bad_sample == "fail":
+            raise DataError(
+                f"{error} (or pass --on-bad-sample skip to skip and count such samples)"
+            ) from None
+    out = []
+    for sample, prompt in zip(batch, prompts, strict=True):
+        try:
+            [answer] = adapter.generate([prompt], max_new_tokens=max_new_tokens)
+        except SampleError as error:
+            logger.warning("skipping %s", error)
+            with bad_path.open("a") as handle:
+                handle.write(json.dumps({"id": error.sample_id, "reason": error.reason}) + "\n")
+        else:
+            out.append((sample, answer))
+    return out
 
 
 def evaluate(
@@ -68,19 +266,31 @@ def evaluate(
     limit: int | None = None,
     resume: bool = True,
     model_name: str = "",
+    model_dir: Path | None = None,
     command: str | None = None,
     report: bool = True,
+    on_bad_sample: Literal["skip", "fail"] = "fail",
+    on_mismatch: Literal["refuse", "restart"] = "refuse",
 ) -> dict[str, Any]:
-    """Score `adapter` on `data`; writes predictions.jsonl and summary.json into `out_dir`.
+    """Score `adapter` on `data`; writes predictions.jsonl, summary.json and fingerprint.json.
 
     Unset `metric`, `prompt_suffix` and `max_new_tokens` take the source's defaults (e.g. VQAv2:
-    vqa_accuracy and "Answer the question using a single word or phrase.").
+    vqa_accuracy and "Answer the question using a single word or phrase."). `model_dir` (default:
+    `model_name` when it is a folder) is fingerprinted by content. `on_mismatch="restart"` starts
+    over, with a warning, instead of refusing when out_dir holds another eval's predictions.
     """
+    check_eval_options(metric, batch_size, limit, max_new_tokens, on_bad_sample)
     if isinstance(data, list):
-        samples, data_name, source = data, "samples", None
+        samples, data_name, source, split, spec = data, "samples", None, "", data
     else:
-        spec = data if isinstance(data, DataSpec) else DataSpec.model_validate(data)
-        samples, data_name, source = load_samples(spec), str(spec), spec.source
+        parsed = data if isinstance(data, DataSpec) else DataSpec.model_validate(data)
+        samples, data_name, source, split, spec = (
+            load_samples(parsed),
+            str(parsed),
+            parsed.source,
+            parsed.split,
+            parsed,
+        )
     if limit is not None:
         samples = samples[:limit]
     defaults = eval_defaults(source)  # per-source metric, instruction and answer budget
@@ -88,58 +298,157 @@ def evaluate(
     prompt_suffix = defaults["prompt_suffix"] if prompt_suffix is None else prompt_suffix
     max_new_tokens = max_new_tokens or defaults["max_new_tokens"]
     score_fn = get_metric(metric_name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if model_dir is None and model_name and Path(model_name).is_dir():
+        model_dir = Path(model_name)
+    import vlmkit
+
+    fingerprint = {
+        "model": _model_identity(adapter, model_dir),
+        "data": _data_identity(spec),
+        "prompt_suffix": prompt_suffix,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "metric": metric_name,
+        "vlmkit": vlmkit.__version__,
+    }
     predictions_path = out_dir / "predictions.jsonl"
+    bad_path = out_dir / BAD_SAMPLES_FILE
     done = read_done(predictions_path) if resume else []
-    done_ids = {row["id"] for row in done}
-    todo = [s for s in samples if s.id not in done_ids]
     if done:
-        logger.info("resuming: %d of %d samples already scored", len(done_ids), len(samples))
+        try:
+            _check_fingerprint(out_dir, fingerprint)
+        except ConfigError as error:
+            if on_mismatch == "refuse":
+                raise
+            logger.warning("%s; starting over", str(error).split("; ")[0])
+            done = []
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not done:
+        for stale in (predictions_path, bad_path, out_dir / "summary.json"):
+            stale.unlink(missing_ok=True)
+    (out_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2))
+    done_ids = {row["id"] for row in done}
+    bad_before = set(_bad_ids(bad_path))
+    todo = [s for s in samples if s.id not in done_ids and s.id not in bad_before]
+    if done:
+        logger.info("resuming: %d of %d samples already predicted", len(done_ids), len(samples))
         predictions_path.write_text("".join(json.dumps(row) + "\n" for row in done))
-    elif predictions_path.exists():
-        predictions_path.unlink()
     started = time.perf_counter()
-    with predictions_path.open("a") as handle, tqdm(total=len(todo), desc="eval", unit="sample") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            answers = adapter.generate(
-                [with_prompt_suffix(s, prompt_suffix) for s in batch], max_new_tokens=max_new_tokens
-            )
-            for sample, prediction in zip(batch, answers, strict=True):
-                row = {
-                    "id": sample.id,
-                    "question": sample.question,
-                    "prediction": prediction,
-                    "answers": sample.answers,
-                    "score": score_fn(prediction, sample.answers),
-                    "image": str(sample.image) if isinstance(sample.image, (str, Path)) else None,
-                    "meta": sample.meta,
-                }
-                handle.write(json.dumps(row) + "\n")
-            handle.flush()
-            bar.update(len(batch))
+    try:
+        with predictions_path.open("a") as handle, tqdm(total=len(todo), desc="eval", unit="sample") as bar:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                for sample, prediction in _generate_batch(
+                    adapter, batch, prompt_suffix, max_new_tokens, on_bad_sample, bad_path
+                ):
+                    row = {
+                        "id": sample.id,
+                        "question": sample.question,
+                        "prediction": prediction,
+                        "answers": sample.answers,
+                        "score": score_fn(prediction, sample.answers) if sample.answers else None,
+                        "image": str(sample.image) if isinstance(sample.image, (str, Path)) else None,
+                        "meta": sample.meta,
+                    }
+                    handle.write(json.dumps(row) + "\n")
+                handle.flush()
+                bar.update(len(batch))
+    except BaseException:
+        if created and not read_done(predictions_path):  # failed before any prediction: leave no folder
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     elapsed = time.perf_counter() - started
     wanted = {s.id for s in samples}
     rows = [row for row in read_done(predictions_path) if row["id"] in wanted]
-    summary = {
-        "metric": metric_name,
-        "score": aggregate(metric_name, [r["prediction"] for r in rows], [r["answers"] for r in rows])
-        if rows
-        else 0.0,
-        "n": len(rows),
+    bad = [sample_id for sample_id in _bad_ids(bad_path) if sample_id in wanted]
+    if not rows:
+        raise DataError(f"every sample of {data_name} was bad (see {bad_path}); check the data source")
+    base: dict[str, Any] = {
         "model": model_name,
         "data": data_name,
+        "data_spec": fingerprint["data"],
+        "limit": limit,
+        "n_samples": len(samples),
+        "n_bad_samples": len(bad),
+        "bad_samples": bad[:MAX_LISTED_BAD],
+        "on_bad_sample": on_bad_sample,
         "command": command or " ".join(sys.argv),
         "created": datetime.now(timezone.utc).isoformat(),
         "seconds": round(elapsed, 2),
         "samples_per_second": round(len(todo) / elapsed, 2) if todo and elapsed > 0 else None,
-        "by_question_type": breakdown(rows, "question_type"),
-        "by_answer_type": breakdown(rows, "answer_type"),
-        "generation": {"do_sample": False, "max_new_tokens": max_new_tokens, "prompt_suffix": prompt_suffix},
+        "generation": {
+            "do_sample": False,
+            "max_new_tokens": max_new_tokens,
+            "prompt_suffix": prompt_suffix,
+            "batch_size": batch_size,
+        },
+        "seed": spec.seed if isinstance(spec, DataSpec) else None,
+        "provenance": {**environment(), "model_fingerprint": fingerprint["model"]},
+        "fingerprint": digest({key: fingerprint[key] for key in FINGERPRINT_KEYS}),
     }
+    submission = _write_submission(out_dir, source, split, rows)
+    if submission:
+        base["submission"] = submission
+    if bad:
+        base["notes"] = [
+            f"{len(bad)} bad samples skipped (on_bad_sample: skip); listed in {BAD_SAMPLES_FILE}"
+        ]
+    summary = build_summary(rows, metric_name, base)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if report:
         from vlmkit.eval.report import write_report
 
         write_report(out_dir)
+    return summary
+
+
+def rescore(
+    eval_dir: Path, metric: str, *, command: str | None = None, report: bool = True
+) -> dict[str, Any]:
+    """Re-score an eval folder's stored predictions with `metric`, without generating.
+
+    Rewrites each row's score, summary.json (with `rescored_from`), fingerprint.json's metric (so
+    a later restart with `--metric metric` resumes) and the report.
+    """
+    score_fn = get_metric(metric)
+    predictions_path, summary_path = eval_dir / "predictions.jsonl", eval_dir / "summary.json"
+    if not predictions_path.is_file() or not summary_path.is_file():
+        raise DataError(
+            f"{eval_dir} has no predictions.jsonl/summary.json; pass a folder written by `vlmkit eval`"
+        )
+    try:
+        old = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{summary_path} is not valid JSON ({exc.msg}); rerun the eval") from None
+    rows = read_done(predictions_path)
+    if not rows:
+        raise DataError(f"{predictions_path} holds no predictions to re-score")
+    for number, row in enumerate(rows, start=1):
+        if "prediction" not in row or "id" not in row:
+            raise DataError(f"{predictions_path} line {number} lacks id/prediction; rerun the eval")
+        answers = row.get("answers") or []
+        row["score"] = score_fn(str(row["prediction"]), answers) if answers else None
+    tmp = predictions_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(predictions_path)
+    keep = ("model", "data", "data_spec", "limit", "n_samples", "n_bad_samples", "bad_samples",
+            "on_bad_sample", "command", "created", "seconds", "samples_per_second", "generation",
+            "seed", "provenance", "submission")  # fmt: skip
+    base = {key: old[key] for key in keep if key in old}
+    base["rescored_from"] = old.get("metric")
+    base["rescore_command"] = command or " ".join(sys.argv)
+    base["rescored"] = datetime.now(timezone.utc).isoformat()
+    fingerprint_path = eval_dir / FINGERPRINT_FILE
+    if fingerprint_path.is_file():
+        fingerprint = json.loads(fingerprint_path.read_text())
+        fingerprint["metric"] = metric
+        fingerprint_path.write_text(json.dumps(fingerprint, indent=2))
+        base["fingerprint"] = digest({key: fingerprint.get(key) for key in FINGERPRINT_KEYS})
+    summary = build_summary(rows, metric, base)
+    summary_path.write_text(json.dumps(summary, indent=2))
+    if report:
+        from vlmkit.eval.report import write_report
+
+        write_report(eval_dir)
     return summary

@@ -421,6 +421,8 @@ def _train_run(
             limit=config.eval.limit,
             model_name=str(result.model_dir),
             command=command,
+            on_bad_sample=config.data.on_bad_sample,
+            on_mismatch="restart",  # a re-trained model in the same run folder is evaluated afresh
         )
     write_fingerprint(run_dir, current, finished=True)
     return result
