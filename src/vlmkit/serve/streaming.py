@@ -80,15 +80,23 @@ class RowText:
             self._advance()
 
     def _logprob_entry(self, token: int, logprobs: torch.Tensor) -> TokenLogprob:
+        """The chosen token (already appended) and its top alternatives, each as the text it adds
+        after the tokens before it (a lone word piece decodes without its leading space)."""
+        prefix = self.tokens[:-1]
+        before = self.decoder.decode(prefix, skip_special_tokens=False) if prefix else ""
         top: list[TopLogprob] = []
         if self.top_logprobs:
             values, ids = logprobs.topk(self.top_logprobs)
-            top = [self._top(int(i), float(v)) for v, i in zip(values.tolist(), ids.tolist(), strict=True)]
-        entry = self._top(token, float(logprobs[token]))
+            top = [
+                self._top(prefix, before, int(i), float(v))
+                for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+            ]
+        entry = self._top(prefix, before, token, float(logprobs[token]))
         return TokenLogprob(**entry.model_dump(), top_logprobs=top)
 
-    def _top(self, token: int, logprob: float) -> TopLogprob:
-        text = self.decoder.decode([token], skip_special_tokens=False)
+    def _top(self, prefix: list[int], before: str, token: int, logprob: float) -> TopLogprob:
+        after = self.decoder.decode([*prefix, token], skip_special_tokens=False)
+        text = after[len(before) :] if after.startswith(before) else self.decoder.decode([token])
         return TopLogprob(token=text, logprob=max(logprob, -9999.0), bytes=list(text.encode("utf-8")))
 
     def take_logprobs(self) -> list[TokenLogprob] | None:
