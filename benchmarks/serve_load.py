@@ -11,6 +11,13 @@ answer is counted as cross-talk, one with no response at all as lost. Each mode 
 in its own process on 127.0.0.1 (`serve()` exactly as the CLI runs it); the clients are asyncio
 tasks in this process, each sending its next request as soon as the previous one is answered.
 
+Mixed load (`--modes normal,mixed`, written to serve_load_mixed.json by default): the same batched
+server and normal clients, alone and then alongside `--bad-clients` attackers that loop over
+over-long prompts (~1M characters), image bombs (a 13000x13000 PNG inside a 16x16 ICO, a
+20000x20000 1-bit PNG) and abandoned clients (a 200-token request whose socket closes after 50 ms).
+Only the normal requests' latencies are reported; the goal is normal p99 under bad traffic within
+1.5x of the normal p99 alone, with nothing lost or cross-answered.
+
 Writes benchmarks/results/serve_load.json. Not a test: it takes minutes.
 """
 
@@ -25,10 +32,12 @@ import os
 import platform
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -86,6 +95,7 @@ class ModeResult:
     server_batching: dict[str, Any] = field(default_factory=dict)
     server_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
+    bad_traffic: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_s)
@@ -249,9 +259,15 @@ class Connection:
 
 
 async def run_load(
-    port: int, questions: list[Question], result: ModeResult, clients: int, max_tokens: int
+    port: int,
+    questions: list[Question],
+    result: ModeResult,
+    clients: int,
+    max_tokens: int,
+    bad_clients: int = 0,
 ) -> None:
-    """`clients` closed-loop clients, each on its own keep-alive connection, for `result.seconds`."""
+    """`clients` closed-loop clients, each on its own keep-alive connection, for `result.seconds`
+    (alongside `bad_clients` attackers from the end of the warm-up on)."""
     answers_of_others = {q.expected for q in questions}
     bodies = [json.dumps(request_body(q, max_tokens)).encode() for q in questions]
     counter = iter(range(10**12))
@@ -291,14 +307,89 @@ async def run_load(
             result.sent += 1
             await one(connection, next(counter), record=True)
 
+    stop = asyncio.Event()
+    attack = asyncio.create_task(bad_traffic(port, questions[0], bad_clients, stop)) if bad_clients else None
     await asyncio.gather(*(client_loop(c) for c in connections))
     result.seconds = time.perf_counter() - began  # includes draining the last in-flight requests
+    stop.set()
+    if attack is not None:
+        result.bad_traffic = await attack
     for connection in connections:
         await connection.close()
 
 
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height: tens of KB on the wire, gigabytes once decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def bad_bodies(question: Question) -> dict[str, bytes]:
+    """One request body per kind of bad traffic."""
+    png = bomb_png(13000, 13000)
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+    ico_url = "data:image/x-icon;base64," + base64.b64encode(ico).decode()
+    bomb_url = "data:image/png;base64," + base64.b64encode(bomb_png(20000, 20000)).decode()
+    long_text = Question(question.image_url, "what " * 200_000, "")
+    abandoned = request_body(Question(question.image_url, question.text * 4, ""), 200)
+    return {
+        "over_long_prompt": json.dumps(request_body(long_text, 16)).encode(),
+        "ico_bomb": json.dumps(request_body(Question(ico_url, question.text, ""), 16)).encode(),
+        "pixel_bomb": json.dumps(request_body(Question(bomb_url, question.text, ""), 16)).encode(),
+        "abandoned": json.dumps(abandoned).encode(),
+    }
+
+
+async def bad_traffic(port: int, question: Question, clients: int, stop: asyncio.Event) -> dict[str, Any]:
+    """`clients` attackers cycling through the bad kinds until `stop`; returns what each kind got."""
+    bodies = bad_bodies(question)
+    outcomes: dict[str, Counter[str]] = {kind: Counter() for kind in bodies}
+
+    async def abandon(body: bytes) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+    async def attacker(offset: int) -> None:
+        connection = Connection("127.0.0.1", port)
+        kinds = list(bodies)
+        i = offset
+        while not stop.is_set():
+            kind = kinds[i % len(kinds)]
+            i += 1
+            try:
+                if kind == "abandoned":
+                    await abandon(bodies[kind])
+                    outcomes[kind]["sent"] += 1
+                else:
+                    status, _ = await connection.post("/v1/chat/completions", bodies[kind])
+                    outcomes[kind][str(status)] += 1
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+                outcomes[kind][type(exc).__name__] += 1
+                await connection.close()
+        await connection.close()
+
+    await asyncio.gather(*(attacker(k) for k in range(clients)))
+    return {kind: dict(counter) for kind, counter in outcomes.items()}
+
+
 def run_mode(mode: str, model_dir: Path, questions: list[Question], args: argparse.Namespace) -> ModeResult:
-    max_batch_size = args.max_batch_size if mode == "batched" else 1
+    max_batch_size = 1 if mode == "single" else args.max_batch_size
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = start_server(model_dir, port, max_batch_size, args)
@@ -307,7 +398,8 @@ def run_mode(mode: str, model_dir: Path, questions: list[Question], args: argpar
         wait_healthy(url, process)
         result = ModeResult(mode=mode, max_batch_size=max_batch_size, seconds=args.seconds)
         server_before, client_before = cpu_seconds(process.pid), time.process_time()
-        asyncio.run(run_load(port, questions, result, args.clients, args.max_tokens))
+        bad = args.bad_clients if mode == "mixed" else 0
+        asyncio.run(run_load(port, questions, result, args.clients, args.max_tokens, bad))
         result.server_batching = httpx.get(url + "/health", timeout=10).json()["batching"]
         result.server_cpu_s = round(cpu_seconds(process.pid) - server_before, 2)
         result.client_cpu_s = round(time.process_time() - client_before, 2)
@@ -352,9 +444,18 @@ def main() -> None:
         "--torch-threads", type=int, default=1, help="torch.set_num_threads in the server (0: torch default)"
     )
     parser.add_argument("--switch-interval", type=float, default=0.005)
-    parser.add_argument("--modes", default="batched,single")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.json")
+    parser.add_argument(
+        "--modes", default="batched,single", help="batched, single; normal,mixed for the bad-traffic run"
+    )
+    parser.add_argument("--bad-clients", type=int, default=4, help="attackers in the mixed mode")
+    parser.add_argument("--note", default="", help="free text kept in the JSON (e.g. machine load)")
+    parser.add_argument(
+        "--out", type=Path, help="default results/serve_load.json (mixed: serve_load_mixed.json)"
+    )
     args = parser.parse_args()
+    if args.out is None:
+        name = "serve_load_mixed.json" if "mixed" in args.modes else "serve_load.json"
+        args.out = ROOT / "benchmarks" / "results" / name
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -383,6 +484,7 @@ def main() -> None:
 
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "note": args.note,
         "machine": {
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
@@ -404,6 +506,7 @@ def main() -> None:
             "chance_a_swapped_answer_goes_unnoticed": round(collision, 4),
             "batch_wait_ms": args.batch_wait_ms,
             "torch_threads": args.torch_threads or "torch default",
+            "bad_clients_in_mixed_mode": args.bad_clients,
         },
         "results": results,
     }
@@ -422,6 +525,21 @@ def main() -> None:
             ),
         }
         print(json.dumps(report["comparison"], indent=2))
+    if {"normal", "mixed"} <= results.keys():
+        normal, mixed = results["normal"], results["mixed"]
+        ratio = mixed["p99_latency_s"] / normal["p99_latency_s"] if normal["p99_latency_s"] else float("inf")
+        report["comparison_bad_traffic"] = {
+            "normal_p50_s_alone_vs_under_bad_traffic": [normal["p50_latency_s"], mixed["p50_latency_s"]],
+            "normal_p99_s_alone_vs_under_bad_traffic": [normal["p99_latency_s"], mixed["p99_latency_s"]],
+            "p99_ratio_under_bad_traffic": round(ratio, 2),
+            "goal_p99_ratio_at_most_1_5_met": ratio <= 1.5,
+            "no_normal_request_lost_or_misrouted": all(
+                r["all_answered_correctly"] and r["lost"] == 0 and r["cross_talk"] == 0
+                for r in (normal, mixed)
+            ),
+            "bad_traffic_outcomes": mixed["bad_traffic"],
+        }
+        print(json.dumps(report["comparison_bad_traffic"], indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

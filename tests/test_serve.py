@@ -40,6 +40,7 @@ from vlmkit.serve.app import create_app  # noqa: E402
 from vlmkit.serve.conversation import GenerationParams  # noqa: E402
 from vlmkit.serve.errors import APIError  # noqa: E402
 from vlmkit.serve.images import decode_data_url, decode_image  # noqa: E402
+from vlmkit.serve.server import make_server  # noqa: E402
 from vlmkit.serve.streaming import BatchStreamer, RowText  # noqa: E402
 
 KEY = "test-key-123"
@@ -163,7 +164,7 @@ def live_server(app: Any) -> Iterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = make_server(app, app.state.settings, log_level="warning", lifespan="on")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -376,7 +377,9 @@ def test_rejections_are_openai_errors() -> None:
             (chat_body("q", image="http://169.254.169.254/latest/meta-data"), 400, "remote_images_disabled"),
             (chat_body("q", image="file:///etc/passwd"), 400, None),
             (chat_body("q", image=None), 400, "one_image_required"),
-            (chat_body("q", n=2), 400, None),
+            (chat_body("q", n=99), 400, None),  # over max_n
+            (chat_body("q", seed=2**63), 400, None),
+            (chat_body("q", response_format={"type": "json_object"}), 400, "unsupported_parameter"),
             (chat_body("q", max_tokens=101), 400, None),
             (chat_body("q", temperature=5), 400, None),
             (chat_body("q", image=bomb), 400, "image_too_many_pixels"),
@@ -390,7 +393,9 @@ def test_rejections_are_openai_errors() -> None:
         cases.append((two_images, 400, "one_image_required"))
         for body, status, code in cases:
             assert_error_shape(httpx.post(url + "/v1/chat/completions", json=body), status, code)
-        assert_error_shape(httpx.post(url + "/v1/chat/completions", content=b"{not json"), 400)
+        json_header = {"Content-Type": "application/json"}
+        not_json = httpx.post(url + "/v1/chat/completions", content=b"{not json", headers=json_header)
+        assert_error_shape(not_json, 400)
         with pytest.raises(openai.BadRequestError, match="remote image URLs are disabled"):
             openai.OpenAI(base_url=url + "/v1", api_key="x").chat.completions.create(
                 model="m", messages=chat_body("q", image="https://example.com/a.png")["messages"]
@@ -464,7 +469,7 @@ def test_slow_requests_time_out_with_504_and_free_the_model() -> None:
         stream = httpx.post(url + "/v1/chat/completions", json=dict(slow, stream=True))
         assert stream.status_code == 200
         events = [line for line in stream.text.split("\n\n") if line.startswith("data: ")]
-        assert '"code":"timeout"' in events[-1] and "[DONE]" not in stream.text
+        assert '"code":"timeout"' in events[-2] and events[-1] == "data: [DONE]"
         with pytest.raises(openai.APIError, match="timed out"):
             client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
             list(client.chat.completions.create(model="m", messages=slow["messages"], stream=True))
@@ -585,11 +590,21 @@ def test_tiny_model_concurrent_answers_match_one_at_a_time(
 def test_serve_builds_the_app_from_a_model_folder(
     tiny_vlm_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import vlmkit.serve.server as server_module
     from vlmkit.errors import ConfigError
     from vlmkit.serve import API_KEY_ENV, serve
 
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+
+    class Recorded:
+        def run(self) -> None:
+            pass
+
+    def make_server(app: Any, settings: Any, **kwargs: Any) -> Recorded:
+        calls.append({"app": app, **kwargs})
+        return Recorded()
+
+    monkeypatch.setattr(server_module, "make_server", make_server)
     monkeypatch.setenv(API_KEY_ENV, "from-env")
     serve(str(tiny_vlm_dir), port=1234, max_batch_size=3)
     settings = calls[0]["app"].state.settings

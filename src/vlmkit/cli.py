@@ -276,6 +276,10 @@ def to_shards(
     console.print(f"wrote {len(paths)} shard(s) to [bold]{escape(str(out))}[/bold]")
 
 
+def _limit(help: str) -> typer.models.OptionInfo:
+    return typer.Option(help=help, show_default=False)
+
+
 @app.command()
 def serve(
     model: Annotated[Path, typer.Option("--model", help="Model folder")],
@@ -284,11 +288,78 @@ def serve(
     api_key: Annotated[
         str | None, typer.Option("--api-key", help="Require this bearer key (or env VLMKIT_API_KEY)")
     ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML/JSON file of server settings (flags win)")
+    ] = None,
+    model_name: Annotated[str | None, _limit("Model id in /v1/models (default: folder name)")] = None,
+    max_batch_size: Annotated[int | None, _limit("Most requests per model call (default 16)")] = None,
+    batch_wait_ms: Annotated[float | None, _limit("Wait to fill a batch (default 5)")] = None,
+    max_queue: Annotated[int | None, _limit("Waiting requests before 429 (default 256)")] = None,
+    request_timeout_s: Annotated[
+        float | None, _limit("Queue + generation budget before 504 (default 120)")
+    ] = None,
+    max_body_bytes: Annotated[int | None, _limit("Request body before 413 (default 16 MiB)")] = None,
+    max_image_bytes: Annotated[int | None, _limit("Encoded image before 413 (default 10 MiB)")] = None,
+    max_image_pixels: Annotated[int | None, _limit("Image width*height (default 4096*4096)")] = None,
+    max_image_frames: Annotated[int | None, _limit("Frames of an animated image (default 64)")] = None,
+    image_format: Annotated[
+        list[str] | None, _limit("Accepted image format, repeatable (default PNG JPEG WEBP GIF BMP)")
+    ] = None,
+    max_queued_image_bytes: Annotated[
+        int | None, _limit("Decoded image bytes waiting (default 1 GiB)")
+    ] = None,
+    decode_workers: Annotated[int | None, _limit("Image-decoding threads (default 2)")] = None,
+    max_context_tokens: Annotated[
+        int | None, _limit("Prompt + max_tokens bound (default model's context)")
+    ] = None,
+    default_max_tokens: Annotated[
+        int | None, _limit("max_tokens when a request gives none (default 64)")
+    ] = None,
+    max_tokens_cap: Annotated[int | None, _limit("Largest max_tokens (default 512)")] = None,
+    max_stop_strings: Annotated[int | None, _limit("Stop strings per request (default 4)")] = None,
+    max_n: Annotated[int | None, _limit("Largest n (default 8)")] = None,
+    max_top_logprobs: Annotated[int | None, _limit("Largest top_logprobs (default 20)")] = None,
+    allowed_image_host: Annotated[
+        list[str] | None, _limit("Host remote images may come from, repeatable (default none)")
+    ] = None,
+    image_fetch_timeout_s: Annotated[
+        float | None, _limit("Time to fetch a remote image (default 10)")
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None, _limit("Accepted Host header, repeatable; '*' any (default loopback names)")
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None, _limit("Origin allowed by CORS, repeatable (default none)")
+    ] = None,
+    header_timeout_s: Annotated[float | None, _limit("Time to send request headers (default 10)")] = None,
+    body_timeout_s: Annotated[
+        float | None, _limit("Time to send a request body before 408 (default 30)")
+    ] = None,
+    idle_timeout_s: Annotated[float | None, _limit("Idle keep-alive connection (default 5)")] = None,
+    shutdown_grace_s: Annotated[
+        float | None, _limit("Running requests' time to finish on exit (default 10)")
+    ] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API with a web page at /."""
     from vlmkit.serve import serve as run_server
 
-    run_server(str(model), host=host, port=port, api_key=api_key)
+    given = dict(locals())
+    renamed = {
+        "image_format": "image_formats",
+        "allowed_image_host": "allowed_image_hosts",
+        "allowed_host": "allowed_hosts",
+        "cors_origin": "cors_origins",
+    }
+    fixed = {"model", "host", "port", "api_key", "config", "run_server"}
+    limits = {renamed.get(k, k): v for k, v in given.items() if k not in fixed and v is not None}
+    run_server(
+        str(model),
+        host=host,
+        port=port,
+        api_key=api_key,
+        config_file=str(config) if config else None,
+        **limits,
+    )
 
 
 @app.command()

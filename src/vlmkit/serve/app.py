@@ -25,18 +25,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from vlmkit.models.adapters.base import ModelAdapter
+from vlmkit.serve.admission import Admission
 from vlmkit.serve.batching import Batcher, QueueFullError
-from vlmkit.serve.conversation import build_sample, generation_params
+from vlmkit.serve.conversation import generation_params
 from vlmkit.serve.errors import APIError, bad_request, error_body, too_large
-from vlmkit.serve.jobs import Completion, EventKind, Job
+from vlmkit.serve.guards import HostGuard
+from vlmkit.serve.jobs import Completion, Delta, EventKind, Job
 from vlmkit.serve.schemas import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     ModelCard,
     ModelList,
@@ -48,13 +52,19 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(adapter: ModelAdapter, settings: ServeSettings | None = None) -> FastAPI:
-    """An app serving `adapter`; the model itself runs in the batcher's single worker thread."""
+    """An app serving `adapter`; the model itself runs in the batcher's single worker thread.
+
+    `app.state.drain()` is what a graceful shutdown awaits (see `vlmkit.serve.server`): new
+    requests get 503, running ones get `shutdown_grace_s` to finish, the rest end with 503.
+    """
     settings = settings or ServeSettings()
+    admission = Admission(adapter, settings)
     batcher = Batcher(
         adapter,
         max_batch_size=settings.max_batch_size,
         wait_s=settings.batch_wait_ms / 1000,
         max_queue=settings.max_queue,
+        max_queued_bytes=settings.max_queued_image_bytes,
     )
     page = files("vlmkit.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     page_headers = _page_headers(page)
@@ -64,11 +74,29 @@ def create_app(adapter: ModelAdapter, settings: ServeSettings | None = None) -> 
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         await batcher.aclose()
+        admission.close()
 
-    app = FastAPI(title="vlmkit", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="vlmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.batcher = batcher
+    app.state.admission = admission
+    app.state.draining = False
+
+    async def drain() -> None:
+        app.state.draining = True
+        await batcher.drain(settings.shutdown_grace_s)
+
+    app.state.drain = drain
     _add_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    if "*" not in settings.allowed_hosts:
+        app.add_middleware(HostGuard, allowed=settings.allowed_hosts)  # type: ignore[arg-type]
     auth = Depends(_api_key_check(settings.key()))
 
     @app.get("/", include_in_schema=False)
@@ -78,12 +106,17 @@ def create_app(adapter: ModelAdapter, settings: ServeSettings | None = None) -> 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
-            "status": "ok",
+            "status": "draining" if app.state.draining else "ok",
             "model": settings.model_name,
             "auth": settings.api_key is not None,
             "waiting": batcher.waiting,
+            "context_tokens": admission.context,
             "batching": batcher.stats.as_dict(),
         }
+
+    @app.get("/openapi.json", dependencies=[auth], include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     @app.get("/v1/models", dependencies=[auth])
     async def models() -> ModelList:
@@ -91,14 +124,20 @@ def create_app(adapter: ModelAdapter, settings: ServeSettings | None = None) -> 
 
     @app.post("/v1/chat/completions", dependencies=[auth], response_model=None)
     async def chat_completions(request: Request) -> Response:
+        if app.state.draining:
+            raise _shutting_down()
+        _require_json(request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.request_timeout_s
-        chat = _parse(await _read_body(request, settings.max_body_bytes))
+        chat = _parse(await _read_body(request, settings.max_body_bytes, settings.body_timeout_s))
         params = generation_params(chat, settings)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        sample = await build_sample(chat, settings, request_id)
         try:
-            job = batcher.submit(request_id, sample, params, stream=bool(chat.stream))
+            batcher.check_room()  # before decoding anything: a full queue refuses cheaply
+            admitted = await admission.admit(chat, params, request_id)
+            job = batcher.submit(
+                request_id, admitted.sample, admitted.params, stream=bool(chat.stream), nbytes=admitted.nbytes
+            )
         except QueueFullError as exc:
             raise APIError(
                 429,
@@ -108,11 +147,14 @@ def create_app(adapter: ModelAdapter, settings: ServeSettings | None = None) -> 
                 headers={"Retry-After": "1"},
             ) from None
         meta = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
-        if not chat.stream:
-            completion = await _wait(batcher, job, job.future, deadline)
-            return JSONResponse(_completion_body(completion, meta))
-        # wait until the prompt is encoded, so a request the model cannot take still gets a 4xx status
-        first = await _wait(batcher, job, job.events.get(), deadline)
+        try:
+            if not chat.stream:
+                completion = await _wait(request, batcher, job, job.future, deadline)
+                return JSONResponse(_completion_body(completion, meta))
+            # wait until the prompt is encoded, so a request the model cannot take still gets a 4xx status
+            first = await _wait(request, batcher, job, job.events.get(), deadline)
+        except _ClientGone:
+            return Response(status_code=499)  # nobody reads it; the job is already cancelled
         if first[0] == "error":
             raise first[1]
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -126,21 +168,52 @@ def create_app(adapter: ModelAdapter, settings: ServeSettings | None = None) -> 
 
 
 # -- request handling ---------------------------------------------------------------------------------
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) as soon as it exceeds `limit`, declared or streamed."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refusing (413) as soon as it exceeds `limit`, declared or streamed, and (408) a
+    body still arriving after `timeout_s` (a client sending a byte every few seconds)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large(
             f"request body is {declared} bytes; this server accepts at most {limit} (max_body_bytes)"
         )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"request body exceeds {limit} bytes (max_body_bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(f"request body exceeds {limit} bytes (max_body_bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(
+            408,
+            f"the request body did not arrive within {timeout_s} s (body_timeout_s)",
+            code="body_timeout",
+            headers={"Connection": "close"},
+        ) from None
+
+
+def _require_json(request: Request) -> None:
+    """JSON endpoints take only `application/json`: a `text/plain` POST needs no CORS preflight, so
+    without this check any web page could make a browser run the model on a local server."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(
+            415,
+            f"Content-Type must be application/json (got {media_type or 'none'})",
+            code="unsupported_media_type",
+        )
+
+
+def _shutting_down() -> APIError:
+    return APIError(
+        503, "the server is shutting down; retry later", type="server_error", code="shutting_down"
+    )
 
 
 def _parse(body: bytes) -> ChatCompletionRequest:
@@ -159,17 +232,34 @@ def _is_union_label(part: object) -> bool:
     return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list"))
 
 
-async def _wait(batcher: Batcher, job: Job, awaitable: Any, deadline: float) -> Any:
-    """Await the job's result or first event within the request's time budget (504 after it)."""
-    remaining = deadline - asyncio.get_running_loop().time()
+class _ClientGone(Exception):
+    """The client closed its connection while its request waited."""
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is already read, so only disconnects arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _wait(request: Request, batcher: Batcher, job: Job, awaitable: Any, deadline: float) -> Any:
+    """Await the job's result or first event within the request's time budget (504 after it);
+    a client that leaves meanwhile cancels its job (_ClientGone), queued or already generating."""
+    remaining = max(deadline - asyncio.get_running_loop().time(), 0.0)
+    result = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        return await asyncio.wait_for(awaitable, timeout=max(remaining, 0.0))
-    except asyncio.TimeoutError:
-        batcher.cancel(job)
-        raise _timeout_error() from None
-    except asyncio.CancelledError:
-        batcher.cancel(job)
-        raise
+        done, _ = await asyncio.wait({result, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not result.done():
+            result.cancel()
+            batcher.cancel(job)
+    if result in done:
+        return result.result()
+    if gone in done:
+        raise _ClientGone
+    raise _timeout_error()
 
 
 def _timeout_error() -> APIError:
@@ -185,7 +275,13 @@ def _completion_body(completion: Completion, meta: dict[str, Any]) -> dict[str, 
     return ChatCompletion(
         **meta,
         choices=[
-            Choice(message=AssistantMessage(content=completion.text), finish_reason=completion.finish_reason)
+            Choice(
+                index=index,
+                message=AssistantMessage(content=choice.text),
+                finish_reason=choice.finish_reason,
+                logprobs=None if choice.logprobs is None else ChoiceLogprobs(content=choice.logprobs),
+            )
+            for index, choice in enumerate(completion.choices)
         ],
         usage=_usage(completion),
     ).model_dump()
@@ -203,9 +299,22 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-def _chunk(meta: dict[str, Any], delta: dict[str, str], finish_reason: str | None = None) -> str:
-    chunk = ChatCompletionChunk(**meta, choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
+def _chunk(
+    meta: dict[str, Any],
+    delta: dict[str, str],
+    finish_reason: str | None = None,
+    index: int = 0,
+    logprobs: ChoiceLogprobs | None = None,
+) -> str:
+    choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)
+    chunk = ChatCompletionChunk(**meta, choices=[choice])
     return _event(chunk.model_dump(exclude={"usage"}))
+
+
+def _error_event(payload: Any) -> str:
+    if isinstance(payload, APIError):
+        return _event(payload.body())
+    return _event(error_body("internal error; see the server log", type="server_error"))
 
 
 async def _sse(
@@ -216,10 +325,15 @@ async def _sse(
     deadline: float,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    """OpenAI chunk events: role, content deltas, finish reason, optional usage, then [DONE]."""
+    """OpenAI chunk events: role, content deltas, finish reason, optional usage, then [DONE].
+
+    A stream that fails after it started (timeout, shutdown, model error) sends one error event
+    and then `[DONE]`, so every client sees both why it ended and that it ended.
+    """
     loop = asyncio.get_running_loop()
     try:
-        yield _chunk(meta, {"role": "assistant", "content": ""})
+        for index in range(job.params.n):
+            yield _chunk(meta, {"role": "assistant", "content": ""}, index=index)
         event: tuple[EventKind, Any] | None = first
         while True:
             if event is None:
@@ -227,21 +341,21 @@ async def _sse(
                     event = await asyncio.wait_for(job.events.get(), timeout=max(deadline - loop.time(), 0.0))
                 except asyncio.TimeoutError:
                     yield _event(_timeout_error().body())
+                    yield "data: [DONE]\n\n"
                     return
             kind, payload = event
             event = None
             if kind == "delta":
-                yield _chunk(meta, {"content": payload})
+                delta: Delta = payload
+                logprobs = None if delta.logprobs is None else ChoiceLogprobs(content=delta.logprobs)
+                yield _chunk(meta, {"content": delta.text}, index=delta.index, logprobs=logprobs)
             elif kind == "error":
-                body = (
-                    payload.body()
-                    if isinstance(payload, APIError)
-                    else error_body(str(payload), type="server_error")
-                )
-                yield _event(body)
+                yield _error_event(payload)
+                yield "data: [DONE]\n\n"
                 return
             elif kind == "done":
-                yield _chunk(meta, {}, payload.finish_reason)
+                for index, choice in enumerate(payload.choices):
+                    yield _chunk(meta, {}, choice.finish_reason, index=index)
                 if include_usage:
                     usage = ChatCompletionChunk(**meta, choices=[], usage=_usage(payload))
                     yield _event(usage.model_dump())
@@ -277,7 +391,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(f"invalid request: {exc.errors()[:1]}"), status_code=400)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
+        where = ".".join(str(part) for part in first["loc"])
+        return JSONResponse(error_body(f"invalid request: {where}: {first['msg']}"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -290,7 +406,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
         return JSONResponse(
-            error_body(f"internal error ({type(exc).__name__})", type="server_error"), status_code=500
+            error_body("internal error; see the server log", type="server_error"), status_code=500
         )
 
 

@@ -53,13 +53,24 @@ class BatchStats:
 class Batcher:
     """Owns the waiting queue, the collector task and the single model thread."""
 
-    def __init__(self, adapter: ModelAdapter, *, max_batch_size: int, wait_s: float, max_queue: int) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        *,
+        max_batch_size: int,
+        wait_s: float,
+        max_queue: int,
+        max_queued_bytes: int | None = None,
+    ) -> None:
         self.adapter = adapter
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self.max_queue = max_queue
+        self.max_queued_bytes = max_queued_bytes
         self.stats = BatchStats()
+        self.queued_bytes = 0
         self._pending: deque[Job] = deque()
+        self._running: list[Job] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmkit-model")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -69,17 +80,41 @@ class Batcher:
     def waiting(self) -> int:
         return len(self._pending)
 
-    def submit(self, request_id: str, sample: Sample, params: GenerationParams, *, stream: bool) -> Job:
-        """Queue a request (raises QueueFullError at `max_queue` waiting requests)."""
-        loop = self._ensure_started()
+    @property
+    def in_flight(self) -> int:
+        """Requests waiting or running."""
+        return len(self._pending) + sum(1 for job in self._running if not job.cancelled)
+
+    def check_room(self, nbytes: int = 0) -> None:
+        """Raise QueueFullError when a request of `nbytes` decoded image would not fit the queue."""
         if len(self._pending) >= self.max_queue:
             raise QueueFullError(
                 f"{len(self._pending)} requests are already waiting (max_queue={self.max_queue})"
             )
+        limit = self.max_queued_bytes
+        if limit is not None and self._pending and self.queued_bytes + nbytes > limit:
+            raise QueueFullError(
+                f"waiting requests already hold {self.queued_bytes} bytes of images "
+                f"(max_queued_image_bytes={limit})"
+            )
+
+    def submit(
+        self, request_id: str, sample: Sample, params: GenerationParams, *, stream: bool, nbytes: int = 0
+    ) -> Job:
+        """Queue a request (raises QueueFullError at `max_queue` waiting requests or queued bytes)."""
+        loop = self._ensure_started()
+        self.check_room(nbytes)
         job = Job(
-            id=request_id, sample=sample, params=params, stream=stream, loop=loop, future=loop.create_future()
+            id=request_id,
+            sample=sample,
+            params=params,
+            stream=stream,
+            loop=loop,
+            future=loop.create_future(),
+            nbytes=nbytes,
         )
         self._pending.append(job)
+        self.queued_bytes += nbytes
         assert self._wakeup is not None
         self._wakeup.set()
         return job
@@ -89,6 +124,23 @@ class Batcher:
         job.cancelled = True
         with contextlib.suppress(ValueError):
             self._pending.remove(job)
+            self.queued_bytes -= job.nbytes
+
+    async def drain(self, grace_s: float) -> None:
+        """Let waiting and running requests finish for up to `grace_s`, then end the rest with 503."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        error = APIError(
+            503, "the server is shutting down; retry later", type="server_error", code="shutting_down"
+        )
+        left = [*self._pending, *(job for job in self._running if not job.cancelled)]
+        if left:
+            logger.warning("shutting down: %d request(s) did not finish within %.1f s", len(left), grace_s)
+        for job in left:
+            job.deliver("error", error)
+            self.cancel(job)
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -107,6 +159,7 @@ class Batcher:
             self._loop = loop
             self._wakeup = asyncio.Event()
             self._pending.clear()
+            self.queued_bytes = 0
             self._task = loop.create_task(self._collect(), name="vlmkit-batcher")
         return loop
 
@@ -131,13 +184,16 @@ class Batcher:
             if not batch:
                 continue
             self.stats.record(len(batch))
+            self._running = batch
             try:
                 await loop.run_in_executor(self._executor, run_batch, self.adapter, batch)
-            except Exception as exc:  # run_batch handles its own errors; this is a last resort
+            except Exception:  # run_batch handles its own errors; this is a last resort
                 logger.exception("batch of %d failed", len(batch))
-                error = APIError(500, f"internal error ({type(exc).__name__})", type="server_error")
+                error = APIError(500, "internal error; see the server log", type="server_error")
                 for job in batch:
                     job.deliver("error", error)
+            finally:
+                self._running = []
 
     def _count(self, key: tuple[object, ...]) -> int:
         return sum(1 for job in self._pending if job.key == key)
@@ -146,4 +202,5 @@ class Batcher:
         batch = [job for job in self._pending if job.key == key][: self.max_batch_size]
         for job in batch:
             self._pending.remove(job)
+            self.queued_bytes -= job.nbytes
         return [job for job in batch if not job.cancelled]

@@ -13,6 +13,8 @@ import binascii
 import io
 import logging
 import re
+import struct
+from concurrent.futures import Executor
 from urllib.parse import urlsplit
 
 import httpx
@@ -25,7 +27,6 @@ from vlmkit.serve.settings import ServeSettings
 logger = logging.getLogger(__name__)
 
 PARAM = "messages.content.image_url"
-INLINE_DECODE_CHARS = 64 * 1024  # data URLs up to this size are decoded on the event loop
 _DATA_URL = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,"
 )
@@ -61,9 +62,19 @@ def decode_data_url(url: str, settings: ServeSettings) -> bytes:
 
 
 def decode_image(data: bytes, settings: ServeSettings) -> Image.Image:
-    """Decode to RGB, refusing images whose declared pixel count exceeds the cap (decompression bombs)."""
+    """Decode to RGB, checking on the header first: format (only `image_formats` are even tried,
+    so e.g. an ICO, whose plugin decodes an embedded PNG while opening, never gets that far),
+    declared width x height (decompression bombs) and frame count; only the first frame is decoded.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=settings.image_formats) as image:
+            if image.format not in settings.image_formats:  # e.g. the JPEG plugin opening an MPO
+                raise bad_request(
+                    f"images in {image.format} format are not accepted; send one of "
+                    f"{', '.join(settings.image_formats)} (image_formats)",
+                    param=PARAM,
+                    code="image_format_not_allowed",
+                )
             width, height = image.size
             if width * height > settings.max_image_pixels:
                 raise bad_request(
@@ -72,14 +83,35 @@ def decode_image(data: bytes, settings: ServeSettings) -> Image.Image:
                     param=PARAM,
                     code="image_too_many_pixels",
                 )
+            frames = getattr(image, "n_frames", 1)
+            if frames > settings.max_image_frames:
+                raise bad_request(
+                    f"image has {frames} frames; this server accepts at most {settings.max_image_frames} "
+                    "(max_image_frames), and uses only the first",
+                    param=PARAM,
+                    code="image_too_many_frames",
+                )
+            if frames > 1:
+                image.seek(0)
             image.load()
+            if image.size != (width, height):
+                raise bad_request(
+                    "image frame size differs from its header", param=PARAM, code="invalid_image"
+                )
             return to_rgb(image)
-    except Image.DecompressionBombError as exc:
+    except Image.DecompressionBombError:
         raise bad_request(
-            f"image refused as a decompression bomb ({exc})", param=PARAM, code="image_too_many_pixels"
+            "image refused as a decompression bomb (too many pixels)",
+            param=PARAM,
+            code="image_too_many_pixels",
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise bad_request(f"image could not be decoded ({exc})", param=PARAM, code="invalid_image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        logger.info("image decoding failed: %s: %s", type(exc).__name__, exc)
+        raise bad_request(
+            f"image could not be decoded (is it one of {', '.join(settings.image_formats)}?)",
+            param=PARAM,
+            code="invalid_image",
+        ) from None
 
 
 def check_remote_url(url: str, settings: ServeSettings) -> None:
@@ -158,15 +190,13 @@ async def _fetch(url: str, settings: ServeSettings) -> bytes:
         return b"".join(chunks)
 
 
-async def load_image_url(url: str, settings: ServeSettings) -> Image.Image:
-    """A data: or allow-listed http(s) URL -> RGB image; large images are decoded off the event loop.
-
-    Small images are decoded inline: that takes well under a millisecond, less than the two GIL
-    hand-offs a thread round trip costs while the model thread is busy.
-    """
+async def load_image_url(url: str, settings: ServeSettings, pool: Executor | None = None) -> Image.Image:
+    """A data: or allow-listed http(s) URL -> RGB image, decoded in `pool` (never on the event loop:
+    even small images can be costly, and eight at once stalled every other request)."""
+    loop = asyncio.get_running_loop()
     if url.startswith("data:"):
-        if len(url) <= INLINE_DECODE_CHARS:
-            return decode_image(decode_data_url(url, settings), settings)
-        return await asyncio.to_thread(lambda: decode_image(decode_data_url(url, settings), settings))
+        return await loop.run_in_executor(
+            pool, lambda: decode_image(decode_data_url(url, settings), settings)
+        )
     data = await fetch_image_bytes(url, settings)
-    return await asyncio.to_thread(decode_image, data, settings)
+    return await loop.run_in_executor(pool, decode_image, data, settings)

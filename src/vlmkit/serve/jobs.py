@@ -14,16 +14,40 @@ from typing import Any, Literal
 
 from vlmkit.data.sample import Sample
 from vlmkit.serve.conversation import GenerationParams
+from vlmkit.serve.schemas import TokenLogprob
 
 EventKind = Literal["ready", "delta", "done", "error"]
 
 
 @dataclass(frozen=True)
-class Completion:
+class ChoiceResult:
     text: str
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    choices: list[ChoiceResult]
     prompt_tokens: int
     completion_tokens: int
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of one choice, with the log-probabilities of the tokens it came from (if asked)."""
+
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(eq=False)
@@ -38,6 +62,8 @@ class Job:
     future: asyncio.Future[Completion]
     events: asyncio.Queue[tuple[EventKind, Any]] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    #: decoded image bytes this request holds while it waits (bounded by max_queued_image_bytes)
+    nbytes: int = 0
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -57,5 +83,5 @@ class Job:
         with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down)
             self.loop.call_soon_threadsafe(self.deliver, kind, payload)
 
-    def emit_from_worker(self, text: str) -> None:
-        self.notify_from_worker("delta", text)
+    def emit_from_worker(self, text: str, index: int = 0, logprobs: list[TokenLogprob] | None = None) -> None:
+        self.notify_from_worker("delta", Delta(index, text, logprobs))

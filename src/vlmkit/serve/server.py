@@ -11,6 +11,7 @@ from vlmkit.errors import ConfigError, VlmkitError
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "VLMKIT_API_KEY"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def serve(
@@ -21,15 +22,17 @@ def serve(
     *,
     device: str | None = None,
     log_level: str = "info",
+    config_file: str | None = None,
     **limits: Any,
 ) -> None:
-    """Serve `model_dir` until interrupted. `limits` are ServeSettings fields (e.g. max_batch_size=8).
+    """Serve `model_dir` until interrupted. `limits` are ServeSettings fields (e.g. max_batch_size=8);
+    `config_file` is a YAML or JSON file of them (`limits` given here win over the file's).
 
     The API key comes from `api_key` or else the VLMKIT_API_KEY environment variable; without one
     the API is open, which is only sensible on 127.0.0.1 (the default host).
     """
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (fail early, with the install hint)
 
         from vlmkit.serve.app import create_app
     except ImportError as exc:
@@ -41,6 +44,8 @@ def serve(
     from vlmkit.models.adapters import load_adapter
     from vlmkit.serve.settings import ServeSettings
 
+    if config_file is not None:
+        limits = {**read_settings_file(config_file), **limits}
     limits.setdefault("model_name", os.path.basename(os.path.normpath(model_dir)) or "vlmkit")
     try:
         settings = ServeSettings(api_key=api_key or os.environ.get(API_KEY_ENV) or None, **limits)
@@ -48,10 +53,14 @@ def serve(
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
         raise ConfigError(f"invalid server setting {where}: {error['msg']}") from None
-    if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if settings.api_key is None and host not in LOOPBACK:
         logger.warning(
             "serving on %s without an API key: anyone who can reach this port can use the model", host
         )
+    if "allowed_hosts" not in limits and host not in LOOPBACK:
+        # reachable under other names: allow the bound address, or any Host on a wildcard bind
+        extra = ["*"] if host in ("0.0.0.0", "::", "") else [host]
+        settings = settings.model_copy(update={"allowed_hosts": [*settings.allowed_hosts, *extra]})
     if device is None:
         import torch
 
@@ -60,4 +69,51 @@ def serve(
     adapter.model.eval()
     app = create_app(adapter, settings)
     logger.info("serving %s on http://%s:%d (web page at /)", model_dir, host, port)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    make_server(app, settings, host=host, port=port, log_level=log_level).run()
+
+
+def make_server(app: Any, settings: Any, **config: Any) -> Any:
+    """A uvicorn server for `app` with the settings' connection timeouts and graceful shutdown.
+
+    On shutdown it stops accepting connections, then awaits `app.state.drain()` (new requests
+    503, running ones get `shutdown_grace_s`, then 503 / an error event and `[DONE]`) before
+    uvicorn's own shutdown, so nothing is cut off with a plain-text 500.
+    """
+    import uvicorn
+
+    from vlmkit.serve.guards import header_timeout_protocol
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            for server in self.servers:
+                server.close()
+            drain = getattr(app.state, "drain", None)
+            if drain is not None:
+                await drain()
+            await super().shutdown(sockets)
+
+    options = {
+        "http": header_timeout_protocol(settings.header_timeout_s),
+        "timeout_keep_alive": settings.idle_timeout_s,
+        "timeout_graceful_shutdown": settings.shutdown_grace_s + 5,
+        **config,
+    }
+    return GracefulServer(uvicorn.Config(app, **options))
+
+
+def read_settings_file(path: str) -> dict[str, Any]:
+    """ServeSettings fields from a YAML/JSON mapping (validated with the rest, by ServeSettings)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the serve config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"serve config {path} is not valid YAML/JSON: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"serve config {path} must be a mapping of settings, e.g. max_queue: 64")
+    return data

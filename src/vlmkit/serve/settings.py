@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 MiB = 1024 * 1024
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 class ServeSettings(BaseModel):
@@ -41,10 +43,69 @@ class ServeSettings(BaseModel):
     )
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="total time to fetch one remote image")
 
+    # prompt length (checked at admission, before queueing)
+    max_context_tokens: int | None = Field(
+        None,
+        ge=2,
+        description="prompt + max_tokens bound; default the model's own context (max positions)",
+    )
+
+    # images (decoded in a worker pool, limits checked on the header first)
+    image_formats: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IMAGE_FORMATS),
+        min_length=1,
+        description="Pillow formats accepted; others (ICO, TIFF, MPO, ...) are refused before decoding",
+    )
+    max_image_frames: int = Field(
+        64, ge=1, description="frames of an animated image (only the first is used)"
+    )
+    decode_workers: int = Field(2, ge=1, le=64, description="threads that decode images and count tokens")
+    max_queued_image_bytes: int = Field(
+        1024 * MiB, ge=MiB, description="decoded image bytes held by waiting requests; beyond it: 429"
+    )
+
+    # connections
+    header_timeout_s: float = Field(10.0, gt=0, description="time to send a request's headers")
+    body_timeout_s: float = Field(30.0, gt=0, description="time to send a request's body; beyond it: 408")
+    idle_timeout_s: float = Field(5.0, gt=0, description="keep-alive connection left idle")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="running requests' time to finish on shutdown")
+
+    # browsers
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: list(LOOPBACK_HOSTS),
+        min_length=1,
+        description="Host header values accepted (no port); '*' accepts any (DNS-rebinding guard)",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins whose pages may call the API (CORS); none by default"
+    )
+
+    # sampling options
+    max_n: int = Field(8, ge=1, description="largest n (choices per request)")
+    max_top_logprobs: int = Field(20, ge=0, description="largest top_logprobs")
+
     @field_validator("allowed_image_hosts")
     @classmethod
     def _lower_hosts(cls, hosts: list[str]) -> list[str]:
         return [host.strip().lower().rstrip(".") for host in hosts if host.strip()]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        return [host.strip().lower().strip("[]").rstrip(".") for host in hosts if host.strip()]
+
+    @field_validator("image_formats")
+    @classmethod
+    def _formats(cls, formats: list[str]) -> list[str]:
+        from PIL import Image
+
+        Image.init()
+        known = set(Image.OPEN)
+        upper = [name.strip().upper() for name in formats]
+        unknown = [name for name in upper if name not in known]
+        if unknown:
+            raise ValueError(f"unknown image formats {unknown}; Pillow opens {sorted(known)}")
+        return upper
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeSettings:

@@ -12,11 +12,20 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
+from transformers import LogitsProcessorList, StoppingCriteriaList
+
 from vlmkit.errors import VlmkitError
 from vlmkit.models.adapters.base import Batch, ModelAdapter, truncate_at_stop
 from vlmkit.serve.errors import APIError
-from vlmkit.serve.jobs import Completion, Job
-from vlmkit.serve.streaming import BatchStreamer, GenerationAbandoned, RowText
+from vlmkit.serve.jobs import ChoiceResult, Completion, Job
+from vlmkit.serve.streaming import (
+    BatchStreamer,
+    GenerationAbandoned,
+    OpenAIPenalties,
+    RowsCancelled,
+    RowText,
+    ScoreRecorder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,32 +49,56 @@ def run_batch(adapter: ModelAdapter, jobs: Sequence[Job]) -> None:
             bad = culprit or pending[0]
             bad.notify_from_worker("error", APIError(400, str(exc), code="invalid_sample"))
             pending.remove(bad)
+        except _NothingGenerated as exc:  # e.g. out of memory in prefill: retry each request alone
+            if len(pending) == 1:
+                logger.error("generation failed for request %s", pending[0].id, exc_info=exc.__cause__)
+                _fail(pending, exc)
+                return
+            logger.warning("a batch of %d failed before any token; running each alone", len(pending))
+            for job in pending:
+                run_batch(adapter, [job])
+            return
         except Exception as exc:
             logger.exception("generation failed for a batch of %d", len(pending))
             _fail(pending, exc)
             return
 
 
+class _NothingGenerated(Exception):
+    """Generation failed before any row got a token, so each request can safely run again alone."""
+
+
 def _fail(jobs: Sequence[Job], exc: Exception) -> None:
+    """A 500 that names no internals: the exception itself (maybe an allocator message) is logged."""
     error = APIError(
-        500, f"the model failed ({type(exc).__name__}: {exc})", type="server_error", code="generation_failed"
+        500,
+        "the model failed while generating; see the server log",
+        type="server_error",
+        code="generation_failed",
     )
     for job in jobs:
         job.notify_from_worker("error", error)
 
 
 def _generate(adapter: ModelAdapter, jobs: Sequence[Job]) -> None:
-    """One `generate` call for all jobs; VlmkitError escapes only from encoding (before any token)."""
+    """One `generate` call for all jobs; VlmkitError escapes only from encoding (before any token).
+
+    Each request has `rows_per_request` rows (n sampled choices; greedy choices are one row shown
+    n times), in request order, as transformers' `num_return_sequences` lays them out.
+    """
     params = jobs[0].params
-    rows = [
-        RowText(
-            adapter.tokenizer,
-            max_new_tokens=job.params.max_new_tokens,
-            stop=job.params.stop,
-            emit=job.emit_from_worker if job.stream else None,
-        )
-        for job in jobs
-    ]
+    per = params.rows_per_request
+    rows: list[RowText] = []
+    for job in jobs:
+        for choice in range(per):
+            rows.append(_row(adapter, job, choice, per))
+    recorder = ScoreRecorder() if any(job.params.logprobs for job in jobs) else None
+    processors = LogitsProcessorList()
+    if params.presence_penalty or params.frequency_penalty:
+        processors.append(OpenAIPenalties(params.presence_penalty, params.frequency_penalty))
+    if recorder is not None:
+        processors.append(recorder)
+    cancelled_rows = RowsCancelled(lambda: [job.cancelled for job in jobs for _ in range(per)])
 
     def on_start() -> None:
         for job in jobs:
@@ -77,7 +110,14 @@ def _generate(adapter: ModelAdapter, jobs: Sequence[Job]) -> None:
         skip_prompt=adapter.generate_returns_prompt,
         on_start=on_start,
         abandoned=lambda: all(job.cancelled for job in jobs),
+        scores=recorder,
     )
+    options = params.generation_options()
+    hooks: dict[str, object] = {"stopping_criteria": StoppingCriteriaList([cancelled_rows])}
+    if processors:
+        hooks["logits_processor"] = processors
+    if options:
+        hooks["generation_options"] = options
     try:
         with _recorded_encodes(adapter) as encoded:
             texts = adapter.generate(
@@ -89,23 +129,59 @@ def _generate(adapter: ModelAdapter, jobs: Sequence[Job]) -> None:
                 stop=None,  # cut per request below: requests in one batch may have different stop strings
                 seed=params.seed,
                 streamer=streamer,
+                **hooks,  # type: ignore[arg-type]
             )
     except VlmkitError as exc:
         if streamer.started:  # tokens were already streamed: the batch failed, not one request
             raise RuntimeError(str(exc)) from exc
         raise
-    if len(texts) != len(jobs):
-        raise RuntimeError(f"adapter returned {len(texts)} answers for {len(jobs)} prompts")
+    except GenerationAbandoned:
+        raise
+    except Exception as exc:
+        if not any(row.saw_tokens and row.generated for row in rows):
+            raise _NothingGenerated(type(exc).__name__) from exc
+        raise
+    if len(texts) != len(jobs) * per:
+        raise RuntimeError(f"adapter returned {len(texts)} answers for {len(jobs) * per} rows")
     prompt_counts = _prompt_counts(adapter, jobs, encoded)
-    for job, row, text, n_prompt in zip(jobs, rows, texts, prompt_counts, strict=True):
-        answer = truncate_at_stop(text, job.params.stop)
-        row.close(answer)
-        if row.saw_tokens:
-            n_completion = row.generated
-        else:  # an adapter that ignores the streamer: count the answer's tokens instead
-            n_completion = len(adapter.tokenizer(answer, add_special_tokens=False)["input_ids"])
-        finish = "stop" if answer != text else row.finish_reason
-        job.notify_from_worker("done", Completion(answer, finish, n_prompt, n_completion))
+    for i, (job, n_prompt) in enumerate(zip(jobs, prompt_counts, strict=True)):
+        choices: list[ChoiceResult] = []
+        n_completion = 0
+        for choice in range(per):
+            row, text = rows[i * per + choice], texts[i * per + choice]
+            answer = truncate_at_stop(text, job.params.stop)
+            row.close(answer)
+            if row.saw_tokens:
+                generated = row.generated
+            else:  # an adapter that ignores the streamer: count the answer's tokens instead
+                generated = len(adapter.tokenizer(answer, add_special_tokens=False)["input_ids"])
+            finish = "stop" if answer != text else row.finish_reason
+            logprobs = row.logprobs if job.params.logprobs else None
+            choices.append(ChoiceResult(answer, finish, logprobs))
+            n_completion += generated
+        if per == 1 and job.params.n > 1:  # greedy: every choice is the same answer
+            choices = choices * job.params.n
+            n_completion *= job.params.n
+        job.notify_from_worker("done", Completion(choices, n_prompt, n_completion))
+
+
+def _row(adapter: ModelAdapter, job: Job, choice: int, per: int) -> RowText:
+    row = RowText(
+        adapter.tokenizer,
+        max_new_tokens=job.params.max_new_tokens,
+        stop=job.params.stop,
+        top_logprobs=job.params.top_logprobs if job.params.logprobs else None,
+    )
+    if job.stream:
+        indices = [choice] if per > 1 else list(range(job.params.n))
+
+        def emit(text: str) -> None:
+            logprobs = row.take_logprobs()
+            for index in indices:
+                job.emit_from_worker(text, index, logprobs)
+
+        row.emit = emit
+    return row
 
 
 @contextlib.contextmanager

@@ -15,7 +15,13 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from vlmkit.data.sample import Sample
@@ -91,16 +97,16 @@ class ModelAdapter(ABC):
         **extra: Any,
     ) -> GenerationConfig:
         """What `generate` hands the model's own `generate`: stop ids, padding, model.speed settings."""
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            top_k=None,
-            eos_token_id=self.stop_token_ids(),
-            pad_token_id=self.tokenizer.pad_token_id,
-            **{**self.generation_settings, **extra},
-        )
+        fields: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "temperature": temperature if do_sample else None,
+            "top_p": top_p if do_sample else None,
+            "top_k": None,
+            "eos_token_id": self.stop_token_ids(),
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        return GenerationConfig(**{**fields, **self.generation_settings, **extra})
 
     @torch.inference_mode()
     def generate(
@@ -114,16 +120,33 @@ class ModelAdapter(ABC):
         stop: Sequence[str] | None = None,
         seed: int | None = None,
         streamer: BaseStreamer | None = None,
+        generation_options: Mapping[str, Any] | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
     ) -> list[str]:
-        """Answer each sample's prompt (its messages up to the last user turn)."""
+        """Answer each sample's prompt (its messages up to the last user turn).
+
+        `generation_options` are extra GenerationConfig fields (e.g. `repetition_penalty`,
+        `min_new_tokens`); with `num_return_sequences` k there are k answers per sample, sample by
+        sample. `logits_processor` / `stopping_criteria` go to the model's `generate` as they are.
+        """
         batch = {k: v.to(self.device) for k, v in self.encode(samples, train=False).items()}
         if seed is not None:
             torch.manual_seed(seed)
         config = self.generation_config(
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            **dict(generation_options or {}),
         )
         self.model.eval()
-        output = self.model.generate(**batch, generation_config=config, streamer=streamer)
+        hooks: dict[str, Any] = {}
+        if logits_processor:
+            hooks["logits_processor"] = logits_processor
+        if stopping_criteria:
+            hooks["stopping_criteria"] = stopping_criteria
+        output = self.model.generate(**batch, generation_config=config, streamer=streamer, **hooks)
         if self.generate_returns_prompt:
             output = output[:, batch["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
