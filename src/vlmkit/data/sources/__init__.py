@@ -141,5 +141,6 @@ def _import_builtin_sources() -> None:
         easyvqa,
         jsonl,
         llava_json,
+        preference,
         vqav2,
     )
