@@ -93,7 +93,10 @@ def run_metadata(config: RunConfig, command: str | None) -> dict[str, Any]:
 
 
 def training_texts(samples: list[Sample]) -> list[str]:
-    return [message["content"] for sample in samples for message in sample.messages]
+    texts = [message["content"] for sample in samples for message in sample.messages]
+    return texts + [
+        s.meta["rejected"] for s in samples if isinstance(s.meta.get("rejected"), str)
+    ]  # DPO pairs
 
 
 def build_model(config: RunConfig, train_sets: list[list[Sample]] | None) -> ModelAdapter:
