@@ -86,6 +86,13 @@ def _turns(value: Any, where: str) -> list[Message]:
         content = turn.get("content", turn.get("value", ""))
         if isinstance(content, str):
             content = content.replace(MARKER, "").strip()
+        elif isinstance(content, list):  # content parts; Arrow fills absent keys with None
+            content = [
+                {"type": "image"}
+                if part.get("type") == "image"
+                else {"type": "text", "text": part.get("text") or ""}
+                for part in content
+            ]
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]  # the answer that chosen / rejected replace
