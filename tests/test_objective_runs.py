@@ -210,3 +210,36 @@ def test_stage_options_for_another_objective_are_refused(tmp_path):
         from vlmkit.config import RunConfig, validate
 
         validate(RunConfig, tiny_config(tmp_path, stages=stages), "config", "docs/recipes.md")
+
+
+@pytest.mark.parametrize("name", ["easyvqa_dpo.yaml", "easyvqa_grpo.yaml"])
+def test_shipped_easyvqa_recipes_parse_and_train_two_steps(tmp_path, tiny_vlm_dir, name):
+    from importlib.resources import files
+
+    from vlmkit.config import read_yaml
+
+    raw = read_yaml((files("vlmkit") / "configs" / name).read_text())
+    assert parse_config(raw).objective == name.split("_")[1].removesuffix(".yaml")
+    raw["model"]["pretrained"] = str(tiny_vlm_dir)
+    raw["output_dir"] = str(tmp_path / "run")
+    raw["training"].update(max_steps=2, per_device_train_batch_size=2, logging_steps=1)
+    raw["training"].pop("num_train_epochs", None)
+    raw["data"]["train"] = (
+        {"source": "preference", "path": preference_file(tmp_path)}
+        if raw["objective"] == "dpo"
+        else {"source": "easyvqa", "split": "train", "limit": 4}
+    )
+    raw["data"]["eval"]["limit"] = 4
+    result = train(parse_config(raw))
+    assert result.stages[0]["global_step"] == 2 and result.eval_summary["n"] == 4
+
+
+def test_mistake_pairs_pair_wrong_answers_with_the_reference(tiny_vlm_dir, easyvqa_samples):
+    from vlmkit.models.adapters import load_adapter
+    from vlmkit.train.objectives.pairs import mistake_pairs
+
+    adapter = load_adapter(tiny_vlm_dir)
+    records = mistake_pairs(adapter, easyvqa_samples[:16], max_new_tokens=3)
+    assert records  # a random model is mostly wrong
+    for record in records:
+        assert record["rejected"] != record["chosen"] and record["chosen"] in record["answers"]
