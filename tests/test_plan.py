@@ -111,3 +111,27 @@ def test_bad_strategy(family_dirs):
 
     with pytest.raises(ConfigError, match="strategy 'tp'"):
         plan_memory(config(family_dirs("llava")), strategy="tp")
+
+
+def objective_plan(folder, **extra):
+    raw = {"model": {"pretrained": str(folder)}, "training": {"per_device_train_batch_size": 2}, **extra}
+    return plan_memory(parse_config(raw))
+
+
+def test_dpo_and_grpo_plans_count_their_rows_reference_and_kv_cache(family_dirs):
+    folder = family_dirs("paligemma")
+    sft = objective_plan(folder)["per_gpu_bytes"]
+    dpo = objective_plan(folder, objective="dpo")
+    assert dpo["objective"] == {"name": "dpo", "rows": 4, "logit_passes": 1, "reference": "cached"}
+    assert dpo["per_gpu_bytes"]["activations"] == pytest.approx(2 * sft["activations"])
+    assert dpo["per_gpu_bytes"]["weights"] == sft["weights"] and dpo["per_gpu_bytes"]["reference"] == 0
+    lora_dpo = objective_plan(folder, objective="dpo", model={"pretrained": str(folder), "lora": {"r": 4}})
+    assert lora_dpo["objective"]["reference"] == "adapter" and lora_dpo["objective"]["logit_passes"] == 2
+    four = objective_plan(folder, objective="grpo", grpo={"num_generations": 4})
+    eight = objective_plan(folder, objective="grpo", grpo={"num_generations": 8})
+    assert (
+        eight["objective"]["rows"] == 16 and eight["per_gpu_bytes"]["total"] > four["per_gpu_bytes"]["total"]
+    )
+    kl = objective_plan(folder, objective="grpo", grpo={"beta": 0.04, "reference": "copy"})
+    assert kl["per_gpu_bytes"]["reference"] == pytest.approx(kl["per_gpu_bytes"]["weights"])
+    assert "objective: grpo" in format_plan(kl)

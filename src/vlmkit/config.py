@@ -18,6 +18,7 @@ from transformers import TrainingArguments
 from vlmkit.data.sources import DataSpec
 from vlmkit.errors import ConfigError
 from vlmkit.models.specs import VLMSpec
+from vlmkit.train.objectives.options import DPOOptions, GRPOOptions, Objective
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -175,6 +176,10 @@ class Stage(Strict):
     freeze: Freeze | None = None
     data: DataSection | None = None
     training: dict[str, Any] = Field(default_factory=dict)
+    # The stage's objective and its options (unset: the run's); docs/recipes.md.
+    objective: Objective | None = None
+    dpo: DPOOptions | None = None
+    grpo: GRPOOptions | None = None
 
 
 class RunConfig(Strict):
@@ -187,6 +192,10 @@ class RunConfig(Strict):
     training: dict[str, Any] = Field(default_factory=dict)
     eval: EvalSection = Field(default_factory=EvalSection)
     guard: GuardSection = Field(default_factory=GuardSection)
+    # sft: next-token loss on the answer; dpo / grpo: preference / reinforcement fine-tuning.
+    objective: Objective = "sft"
+    dpo: DPOOptions | None = None
+    grpo: GRPOOptions | None = None
     stages: list[Stage] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -220,7 +229,25 @@ class RunConfig(Strict):
                     "data.questions_per_image and training.train_sampling_strategy: group_by_length "
                     "both choose the batches; keep one"
                 )
+        self._check_objectives()
         return self
+
+    def _check_objectives(self) -> None:
+        """Options for an objective no stage runs would be silently ignored: refuse them."""
+        used = {stage.objective for stage in self.resolved_stages()}
+        places = [(name, getattr(self, name), name in used) for name in ("dpo", "grpo")]
+        for stage in self.stages:
+            objective = stage.objective or self.objective
+            places += [
+                (f"stages[{stage.name}].{n}", getattr(stage, n), n == objective) for n in ("dpo", "grpo")
+            ]
+        for where, options, runs in places:
+            if options is not None and not runs:
+                name = where.rsplit(".", 1)[-1]
+                raise ValueError(
+                    f"{where} is set but no stage it applies to has objective: {name}; "
+                    f"set objective: {name} or remove {where}"
+                )
 
     def run_dir(self) -> Path:
         return Path(self.output_dir or self.training.get("output_dir") or Path("runs") / self.name)
@@ -228,16 +255,34 @@ class RunConfig(Strict):
     def resolved_stages(self) -> list[Stage]:
         """Every stage with inherited sections filled in; a config without `stages` is one stage."""
         if not self.stages:
-            return [Stage(name="train", freeze=self.freeze, data=self.data, training=dict(self.training))]
-        return [
-            Stage(
-                name=stage.name,
-                freeze=stage.freeze or self.freeze,
-                data=stage.data or self.data,
-                training={**self.training, **stage.training},
+            return [
+                Stage(
+                    name="train",
+                    freeze=self.freeze,
+                    data=self.data,
+                    training=dict(self.training),
+                    objective=self.objective,
+                    dpo=self.dpo or (DPOOptions() if self.objective == "dpo" else None),
+                    grpo=self.grpo or (GRPOOptions() if self.objective == "grpo" else None),
+                )
+            ]
+        resolved = []
+        for stage in self.stages:
+            objective = stage.objective or self.objective
+            dpo = stage.dpo or self.dpo or DPOOptions()
+            grpo = stage.grpo or self.grpo or GRPOOptions()
+            resolved.append(
+                Stage(
+                    name=stage.name,
+                    freeze=stage.freeze or self.freeze,
+                    data=stage.data or self.data,
+                    training={**self.training, **stage.training},
+                    objective=objective,
+                    dpo=dpo if objective == "dpo" else None,
+                    grpo=grpo if objective == "grpo" else None,
+                )
             )
-            for stage in self.stages
-        ]
+        return resolved
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -222,6 +222,59 @@ def _shard(value: float, gpus: int, sharded: bool) -> float:
     return value / gpus if sharded else value
 
 
+def objective_memory(
+    config: RunConfig, text: Any, batch: int, sequence: int, half: bool, weight_bytes: float
+) -> dict[str, Any]:
+    """What DPO / GRPO add to an SFT step (the most demanding stage counts).
+
+    DPO: 2 x batch rows (chosen and rejected); the reference is the base with LoRA disabled (one
+    more no-grad forward: its logits), or log-probabilities cached before training (nothing on the
+    GPU). GRPO: batch x num_generations rows of prompt + max_new_tokens; sampling them keeps a KV
+    cache of those rows; a KL term (beta > 0) needs a reference: LoRA disabled, or a frozen copy
+    of the weights. vlmkit reads log-probabilities from the model's full logits (all positions).
+    """
+    stages = config.resolved_stages()
+    stage = next((s for s in stages if s.objective == "grpo"), None) or next(
+        (s for s in stages if s.objective == "dpo"), stages[0]
+    )
+    plan: dict[str, Any] = {
+        "name": stage.objective,
+        "rows": batch,
+        "logit_passes": 1,
+        "reference": "none",
+        "reference_bytes": 0.0,
+        "kv_cache_bytes": 0.0,
+    }
+    lora = config.model.lora is not None
+    if stage.objective == "dpo" and stage.dpo is not None:
+        reference = (
+            stage.dpo.reference if stage.dpo.reference != "auto" else ("adapter" if lora else "cached")
+        )
+        plan.update(rows=2 * batch, reference=reference, logit_passes=2 if reference == "adapter" else 1)
+    elif stage.objective == "grpo" and stage.grpo is not None:
+        options = stage.grpo
+        rows = batch * options.num_generations
+        reference = "none"
+        if options.beta > 0:
+            reference = options.reference if options.reference != "auto" else ("adapter" if lora else "copy")
+        heads = int(getattr(text, "num_attention_heads", 1) or 1)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        length = sequence + options.max_new_tokens
+        kv = 2 * rows * length * int(text.num_hidden_layers) * kv_heads * head_dim * (2 if half else 4)
+        plan.update(
+            rows=rows,
+            reference=reference,
+            logit_passes=2 if reference in ("adapter", "copy") else 1,
+            kv_cache_bytes=float(kv),
+            num_generations=options.num_generations,
+            max_new_tokens=options.max_new_tokens,
+        )
+        if reference == "copy":
+            plan["reference_bytes"] = float(weight_bytes)
+    return plan
+
+
 def plan_memory(config: RunConfig, *, gpus: int = 1, strategy: str = "ddp") -> dict[str, Any]:
     """Per-GPU memory estimate (bytes and GiB) of training `config` on `gpus` GPUs with `strategy`.
 
@@ -269,6 +322,10 @@ def plan_memory(config: RunConfig, *, gpus: int = 1, strategy: str = "ddp") -> d
     logits = batch * sequence * vocab * (2 + 4 if half else 4 + 4)  # logits + fp32 copy for the loss
     use_checkpointing = bool(training.get("gradient_checkpointing")) or config.model.quantization is not None
     activations = checkpointed if use_checkpointing else full
+    objective = objective_memory(config, text, batch, sequence, half, weight_bytes)
+    rows = objective["rows"] / batch  # DPO: chosen + rejected; GRPO: num_generations answers per prompt
+    activations, full, checkpointed = activations * rows, full * rows, checkpointed * rows
+    logits = logits * rows * objective["logit_passes"]
 
     def total_for(kind: str) -> dict[str, float]:
         shard_weights = kind in ("zero3", "fsdp")
@@ -279,8 +336,13 @@ def plan_memory(config: RunConfig, *, gpus: int = 1, strategy: str = "ddp") -> d
             "optimizer": _shard(optimizer_bytes, gpus, shard_states),
             "activations": activations,
             "logits": float(logits),
+            "reference": objective["reference_bytes"],
+            "generation_kv_cache": objective["kv_cache_bytes"],
             "cuda_context": float(CUDA_CONTEXT_BYTES),
         }
+        if objective["kv_cache_bytes"]:  # generation and the training step do not overlap: the larger counts
+            overlap = min(parts["generation_kv_cache"], parts["activations"] + parts["logits"])
+            parts["generation_kv_cache"] -= overlap
         parts["total"] = sum(parts.values())
         return parts
 
@@ -296,6 +358,7 @@ def plan_memory(config: RunConfig, *, gpus: int = 1, strategy: str = "ddp") -> d
         "sequence_length": sequence,
         "image_tokens": n_image,
         "gradient_checkpointing": use_checkpointing,
+        "objective": {k: v for k, v in objective.items() if k not in ("reference_bytes", "kv_cache_bytes")},
         "per_gpu_bytes": per_gpu,
         "per_gpu_gib": {k: v / GiB for k, v in per_gpu.items()},
         "activations_gib": {"without_checkpointing": full / GiB, "with_checkpointing": checkpointed / GiB},
@@ -314,6 +377,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"weights: {plan['weight_dtype']}   optimizer: {plan['optimizer']}   batch/GPU: {plan['batch_per_gpu']}   "
         f"sequence: {plan['sequence_length']} ({plan['image_tokens']} image tokens)   "
         f"gradient checkpointing: {'on' if plan['gradient_checkpointing'] else 'off'}",
+        f"objective: {plan['objective']['name']}   rows per step: {plan['objective']['rows']}   "
+        f"reference: {plan['objective']['reference']}",
         "",
         f"{'per GPU':<14}{'GiB':>10}",
     ]

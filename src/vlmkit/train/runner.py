@@ -32,7 +32,7 @@ from vlmkit.folders import holds_model, write_folder
 from vlmkit.models.adapters import ModelAdapter, load_adapter
 from vlmkit.models.build import build_vlm
 from vlmkit.train.callbacks import MetricsRecorder, ProgressBar
-from vlmkit.train.collate import BadSampleLog, Collator, SampleDataset
+from vlmkit.train.collate import BadSampleLog, SampleDataset
 from vlmkit.train.levers import apply_speed
 from vlmkit.train.run_folder import (
     RunLock,
@@ -54,6 +54,7 @@ from vlmkit.train.trainer import (
     state_bytes,
     write_error,
 )
+from vlmkit.train.objectives.setup import objective_parts
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,10 @@ def run_metadata(config: RunConfig, command: str | None) -> dict[str, Any]:
 
 
 def training_texts(samples: list[Sample]) -> list[str]:
-    return [message["content"] for sample in samples for message in sample.messages]
+    texts = [message["content"] for sample in samples for message in sample.messages]
+    return texts + [
+        s.meta["rejected"] for s in samples if isinstance(s.meta.get("rejected"), str)
+    ]  # DPO pairs
 
 
 def build_model(config: RunConfig, train_sets: list[list[Sample]] | None) -> ModelAdapter:
@@ -191,7 +195,9 @@ def train_stage(
     )
     recorder = MetricsRecorder()
     progress = ProgressBar(stage.name)
-    trainer = VlmkitTrainer(
+    # objective: sft | dpo | grpo picks the Trainer class, its collator and options
+    trainer_class, objective_kwargs, collator = objective_parts(adapter, config, stage, samples, bad_samples)
+    trainer = trainer_class(
         questions_per_image=(stage.data or config.data).questions_per_image,
         sample_lengths=adapter.sample_lengths,
         on_nonfinite=config.guard.on_nonfinite,
@@ -199,8 +205,9 @@ def train_stage(
         model=adapter.model,
         args=args,
         train_dataset=SampleDataset(samples),
-        data_collator=Collator(adapter, config.data.on_bad_sample, bad_samples),
+        data_collator=collator,
         callbacks=[recorder, progress],
+        **objective_kwargs,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -229,6 +236,7 @@ def train_stage(
         progress.close()  # so an error message starts on its own line
     summary = {
         "stage": stage.name,
+        "objective": stage.objective,
         "global_step": trainer.state.global_step,
         "train_runtime_s": output.metrics.get("train_runtime"),
         "train_samples_per_second": output.metrics.get("train_samples_per_second"),

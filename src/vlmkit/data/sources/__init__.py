@@ -223,5 +223,6 @@ def _import_builtin_sources() -> None:
         hf_conversations,
         jsonl,
         llava_json,
+        preference,
         vqav2,
     )
