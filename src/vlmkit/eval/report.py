@@ -333,7 +333,8 @@ def interval_plot_figure(
     axes.grid(axis="x", alpha=0.3)
     if len(series) > 1:
         axes.legend(fontsize=8, loc="best")
-    axes.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=10)
+    # on the figure, not the axes: an axes-centred title shifted right by long group labels is clipped
+    figure.suptitle("\n".join(textwrap.wrap(title, 64)), fontsize=10)
     return figure
 
 
