@@ -71,7 +71,7 @@ def main() -> None:
     trainer_losses: list[float] = []
 
     class Recording(VlmkitTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             fed.append({k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in inputs.items()})
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             trainer_losses.append(float((loss[0] if return_outputs else loss).detach()))
@@ -142,7 +142,11 @@ def main() -> None:
         "max_abs_loss_diff": max(diffs),
         "final_loss_diff": diffs[-1],
         "max_abs_weight_diff": weight_diff,
-        "grad_norm_before_clip": {"min": min(grad_norms), "max": max(grad_norms), "clip": targs.max_grad_norm},
+        "grad_norm_before_clip": {
+            "min": min(grad_norms),
+            "max": max(grad_norms),
+            "clip": targs.max_grad_norm,
+        },
         "steps_clipped": sum(norm > targs.max_grad_norm for norm in grad_norms),
     }
     out = args.out or RESULTS / f"trainer_vs_loop_{args.stage}.json"

@@ -306,6 +306,6 @@ def test_an_adapter_moves_a_soft_capping_lm_off_sdpa(family_dirs):
 
     adapter = load_adapter(family_dirs("paligemma2"))
     adapter.model.config.text_config._attn_implementation_internal = "sdpa"  # what 5.17 allows
-    rebuilt = type(adapter)(adapter.model, adapter.tokenizer, adapter.image_processor, adapter.processor)
+    rebuilt = type(adapter)(adapter.model, adapter.processor, adapter.family)
     assert language_model_attention(rebuilt.model) == "eager"
     assert rebuilt.model.model.language_model.config._attn_implementation == "eager"

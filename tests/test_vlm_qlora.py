@@ -106,5 +106,5 @@ def test_quantization_without_lora_is_refused(tmp_path):
     from vlmkit.train.runner import build_model
 
     config = RunConfig.model_validate(tiny_config(tmp_path, **{"model.quantization": {"bits": 4}}))
-    with pytest.raises(ConfigError, match="model.quantization needs model.lora"):
+    with pytest.raises(ConfigError, match=r"model\.quantization needs model\.lora"):
         build_model(config, None)

@@ -387,7 +387,9 @@ def export(
         )
     if format not in ("auto", "llava", "vlmkit"):
         raise ConfigError(f"--format {format!r} is not one of auto, llava, vlmkit")
-    console.print(f"merged model written to [bold]{escape(str(export_merged(run, out, format=format)))}[/bold]")
+    console.print(
+        f"merged model written to [bold]{escape(str(export_merged(run, out, format=format)))}[/bold]"
+    )
 
 
 @app.command()

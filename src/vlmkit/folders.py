@@ -13,8 +13,12 @@ from pathlib import Path
 
 
 def holds_model(folder: str | Path) -> bool:
-    """Whether `folder` is a model folder, whole or LoRA (what loaders and stage resume take)."""
-    return (Path(folder) / "config.json").is_file() or (Path(folder) / "adapter_config.json").is_file()
+    """Whether `folder` is a model folder, whole or LoRA, with its weights (what loaders and stage
+    resume take): a folder whose safetensors were deleted is not a finished model."""
+    folder = Path(folder)
+    described = (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
+    weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json"))
+    return described and weights
 
 
 def write_folder(out: str | Path, write: Callable[[Path], None]) -> Path:

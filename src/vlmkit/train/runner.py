@@ -34,6 +34,7 @@ from vlmkit.models.build import build_vlm
 from vlmkit.train.callbacks import MetricsRecorder, ProgressBar
 from vlmkit.train.collate import BadSampleLog, SampleDataset
 from vlmkit.train.levers import apply_speed
+from vlmkit.train.objectives.setup import objective_parts
 from vlmkit.train.run_folder import (
     RunLock,
     check_resume,
@@ -54,7 +55,6 @@ from vlmkit.train.trainer import (
     state_bytes,
     write_error,
 )
-from vlmkit.train.objectives.setup import objective_parts
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +294,9 @@ def train(
     lock = None
     try:
         make_run_dir(run_dir)
-        if PartialState().is_main_process:
+        # the launcher's RANK, not PartialState: before TrainingArguments(use_cpu=True) exists,
+        # accelerate sees each CPU rank as a main process of its own
+        if int(os.environ.get("RANK", "0")) == 0 and PartialState().is_main_process:
             lock = RunLock(run_dir).acquire()
         return _train_run(config, resume=resume, command=command, accept_changes=accept_changes)
     finally:
