@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import GenerationMixin
 
 from vlmkit.data.images import load_image
 from vlmkit.data.sample import Sample
@@ -218,6 +219,35 @@ def test_generation_options_map_lmms_kwargs(lm: VlmkitLMMS) -> None:
     sampled = lm._generation_options({"temperature": 0.7, "top_p": 0.9})
     assert sampled["do_sample"] is True and sampled["temperature"] == 0.7 and sampled["top_p"] == 0.9
     assert lm._generation_options({})["max_new_tokens"] == lm.max_new_tokens
+
+
+def test_num_beams_runs_the_models_beam_search(lm: VlmkitLMMS) -> None:
+    """num_beams > 1 is honoured: the answer is the best beam of the model's own beam search."""
+    options = lm._generation_options({"num_beams": 3, "max_new_tokens": 4})
+    assert options["generation_options"] == {"num_beams": 3, "num_return_sequences": 1}
+    with pytest.raises(ConfigError, match="num_beams=0"):
+        lm._generation_options({"num_beams": 0})
+    doc = lm.task_dict[TASK][SPLIT][0]
+    (answer,) = lm.generate_until([gen_request(0, doc["question"], num_beams=3, max_new_tokens=4)])
+    adapter = lm.adapter
+    batch = adapter.encode([direct_sample(lm, 0, doc["question"])], train=False)
+    config = adapter.generation_config(max_new_tokens=4, do_sample=False, num_beams=3)
+    seen: list[int] = []
+    original = GenerationMixin._beam_search
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["generation_config"].num_beams if "generation_config" in kwargs else -1)
+        return original(self, *args, **kwargs)
+
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GenerationMixin, "_beam_search", spy)
+        again = lm.generate_until([gen_request(0, doc["question"], num_beams=3, max_new_tokens=4)])
+        assert seen, "generate_until(num_beams=3) did not run beam search"
+        output = adapter.model.generate(**batch, generation_config=config)
+    if adapter.generate_returns_prompt:
+        output = output[:, batch["input_ids"].shape[1] :]
+    expected = adapter.tokenizer.batch_decode(output, skip_special_tokens=True)[0].strip()
+    assert answer == again[0] == expected
 
 
 def test_module_imports_without_lmms_eval(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -165,17 +165,21 @@ class VlmkitLMMS(_LmmsBase):
         stop = [until] if isinstance(until, str) else list(until) if until else None
         temperature = float(gen.get("temperature") or 0.0)
         do_sample = bool(gen.get("do_sample", temperature > 0)) and temperature > 0
-        if int(gen.get("num_beams") or 1) > 1:
-            logger.warning(
-                "num_beams=%s is not supported by vlmkit adapters; decoding greedily", gen["num_beams"]
-            )
-        return {
+        options: dict[str, Any] = {
             "max_new_tokens": int(gen.get("max_new_tokens") or self.max_new_tokens),
             "do_sample": do_sample,
             "temperature": temperature if do_sample else 1.0,
             "top_p": float(gen.get("top_p") or 1.0) if do_sample else 1.0,
             "stop": stop,
         }
+        num_beams = int(gen["num_beams"]) if gen.get("num_beams") is not None else 1
+        if num_beams < 1:
+            raise ConfigError(
+                f"lmms-eval gen_kwargs num_beams={num_beams}: use 1 (greedy) or more (beam search)"
+            )
+        if num_beams > 1:  # the model's own beam search; one answer (the best beam) per request
+            options["generation_options"] = {"num_beams": num_beams, "num_return_sequences": 1}
+        return options
 
     # -- lmms API ---------------------------------------------------------------------------
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
