@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -142,6 +144,13 @@ def test_demo_runs_tiny(tmp_path, monkeypatch, capsys):
     assert "exact_match" in out and "vlmkit chat --model" in out
     assert (tmp_path / "demo" / "model" / "model.safetensors").exists()
     assert json.loads((tmp_path / "demo" / "eval" / "summary.json").read_text())["n"] == 8
+    # The closing hint is a command that runs as printed: a real image and its question.
+    hint = next(line for line in out.splitlines() if "vlmkit chat --model" in line)
+    argv = shlex.split(hint.split("try:", 1)[1])
+    assert Path(argv[argv.index("--image") + 1]) == tmp_path / "demo" / "example.png"
+    assert (tmp_path / "demo" / "example.png").is_file()
+    code, _, err = run_cli(monkeypatch, capsys, *argv[1:])  # a 2-step model may answer nothing
+    assert code == 0, err
 
 
 def test_training_lowers_the_loss(tmp_path):

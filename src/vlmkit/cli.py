@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
+import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -245,13 +247,32 @@ def demo(
     with resources.as_file(recipe) as path:
         run_config = load_config(path, [f"output_dir={out}", *(set_ or [])])
     result = run_training(run_config, command=command_line())
+    predictions = result.run_dir / "eval" / "predictions.jsonl"
     if result.eval_summary:
         print_eval_summary(result.eval_summary)
-        show_examples(result.run_dir / "eval" / "predictions.jsonl")
+        show_examples(predictions)
     console.print(f"\nmodel: [bold]{escape(str(result.model_dir))}[/bold]")
+    example = demo_example(predictions, result.run_dir)
+    image, question = example if example else ("<a 64x64 easy-VQA png>", "what color is the shape?")
     console.print(
-        f"try:   vlmkit chat --model {escape(str(result.model_dir))} --image <a 64x64 easy-VQA png>"
+        f"try:   vlmkit chat --model {escape(str(result.model_dir))} --image {escape(str(image))}"
+        f" -q {escape(json.dumps(question))}",
+        soft_wrap=True,
     )
+
+
+def demo_example(predictions: Path, run_dir: Path) -> tuple[Path, str] | None:
+    """A test image copied into the run folder and its question, so the printed chat command runs
+    as it stands (the easy-VQA images live deep inside site-packages)."""
+    if not predictions.is_file():
+        return None
+    with predictions.open() as rows:
+        first = json.loads(next(rows, "null") or "null")
+    if not first or not first.get("image") or not Path(first["image"]).is_file():
+        return None
+    target = run_dir / "example.png"
+    shutil.copyfile(first["image"], target)
+    return target, first["question"]
 
 
 data_app = typer.Typer(help="Data tools.", no_args_is_help=True)
@@ -413,8 +434,6 @@ def plan(
 
 
 def show_examples(predictions: Path, count: int = 6) -> None:
-    import json
-
     rows = [json.loads(line) for line in predictions.read_text().splitlines()[:count]]
     table = Table(title="a few answers")
     for column in ("question", "answer", "expected"):
