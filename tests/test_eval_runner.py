@@ -313,3 +313,48 @@ def test_report_pngs_render_unclipped_in_headless_chromium(adapter, tiny_vlm_dir
             assert all(pixel == (255, 255, 255) for pixel in edges), f"{png.name} draws up to its border"
     finally:
         browser.quit()
+
+
+def test_embedded_images_reach_the_gallery_and_chartqa_breaks_down_by_origin(adapter, tiny_vlm_dir, tmp_path):
+    """Parquet rows carry their image as bytes, not a path: the wrong answers' images are kept
+    (small, capped) in the eval folder so the report's gallery shows them; ChartQA's
+    human-written and augmented questions get their own breakdown."""
+    from PIL import Image
+
+    from vlmkit.data.sources import DataSpec
+    from vlmkit.eval import runner
+    from vqa_fixtures import write_chartqa
+
+    data = DataSpec(
+        source="chartqa", split="test", path=str(write_chartqa(tmp_path / "chartqa", "test", n=6))
+    )
+    out = tmp_path / "eval"
+    summary = evaluate(adapter, data, out, batch_size=6, model_name=str(tiny_vlm_dir))
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    wrong = [r for r in rows if r["score"] < runner.CORRECT_THRESHOLD]
+    assert wrong, "a random model answers these chart questions wrong"
+    for row in rows:
+        if row in wrong:
+            with Image.open(out / row["image"]) as image:
+                assert image.format == "JPEG" and max(image.size) <= 320
+        else:
+            assert row["image"] is None
+    assert summary["by_human_or_machine"]["human"]["n"] == 3
+    assert summary["by_human_or_machine"]["augmented"]["n"] == 3
+    report = (out / "report.md").read_text()
+    assert "## By human_or_machine" in report
+    assert "(no image)" not in report and report.count("report_assets/thumbs/") == len(wrong)
+
+
+def test_kept_gallery_images_are_capped(adapter, tiny_vlm_dir, tmp_path, monkeypatch):
+    from vlmkit.eval import runner
+    from vqa_fixtures import write_chartqa
+
+    monkeypatch.setattr(runner, "GALLERY_IMAGES", 2)
+    from vlmkit.data.sources import DataSpec
+
+    data = DataSpec(
+        source="chartqa", split="test", path=str(write_chartqa(tmp_path / "chartqa", "test", n=6))
+    )
+    evaluate(adapter, data, tmp_path / "eval", batch_size=6, model_name=str(tiny_vlm_dir), report=False)
+    assert len(list((tmp_path / "eval" / "images").glob("*.jpg"))) == 2

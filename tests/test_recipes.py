@@ -49,6 +49,21 @@ def test_set_addresses_a_stage_by_name_or_index():
     assert stages["what"].training == load_config(demo).stages[1].training  # the others untouched
 
 
+def test_yaml_no_yes_on_off_stay_strings_for_trainingarguments(tmp_path):
+    """YAML 1.1 reads `no` as False; `save_strategy: no` (and `--set training.save_strategy=no`)
+    must reach TrainingArguments as the string it accepts."""
+    from transformers import TrainingArguments
+
+    demo = str(recipe("demo.yaml"))
+    config = load_config(demo, ["training.save_strategy=no", "training.report_to=none"])
+    assert config.training["save_strategy"] == "no"
+    args = TrainingArguments(output_dir=str(tmp_path), **config.training)
+    assert args.save_strategy == "no"
+    assert read_yaml("a: no\nb: on\nc: true\nd: False\ne: 1e-3") == {
+        "a": "no", "b": "on", "c": True, "d": False, "e": 0.001
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

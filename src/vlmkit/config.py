@@ -38,9 +38,18 @@ def _rename_aliases(training: dict[str, Any]) -> dict[str, Any]:
 
 
 class YamlLoader(yaml.SafeLoader):
-    """Safe YAML that also reads `1e-3` as a float (YAML 1.1 would make it a string)."""
+    """Safe YAML with YAML 1.2's scalars: `1e-3` is a float (YAML 1.1 would make it a string) and
+    only true/false are booleans, so `save_strategy: no` is the string TrainingArguments wants
+    (YAML 1.1 reads no/yes/on/off as booleans)."""
 
 
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),

@@ -20,6 +20,7 @@ import numpy as np
 
 from vlmkit.errors import DataError
 from vlmkit.eval.report import (
+    BREAKDOWN_KEYS,
     CATEGORY_KEYS,
     CORRECT_THRESHOLD,
     EvalRecord,
@@ -87,7 +88,7 @@ def _side(run: EvalRun, score: float, n_shared: int) -> dict[str, Any]:
 
 #: Summary keys that describe how a run was made (compared between A and B); timings excluded.
 _VOLATILE = ("created", "seconds", "samples_per_second", "rescored", "score", "interval", "n",
-             "by_question_type", "by_answer_type", "notes", "bad_samples")  # fmt: skip
+             *BREAKDOWN_KEYS, "notes", "bad_samples")  # fmt: skip
 
 
 def _settings(run: EvalRun) -> list[tuple[str, str]]:

@@ -32,7 +32,10 @@ from vlmkit.eval.stats import Interval, Statistic, score_ci
 
 logger = logging.getLogger(__name__)
 
-CATEGORY_KEYS = ("question_type", "answer_type")
+#: Meta keys a summary and report break scores down by (ChartQA: human-written vs augmented).
+CATEGORY_KEYS = ("question_type", "answer_type", "human_or_machine")
+#: The summary key of each breakdown.
+BREAKDOWN_KEYS = tuple(f"by_{key}" for key in CATEGORY_KEYS)
 #: A sample counts as wrong (gallery) / correct (flips) on which side of this score it falls.
 CORRECT_THRESHOLD = 0.5
 ASSETS_DIR = "report_assets"
@@ -524,7 +527,7 @@ class _ReportContext:
 
 
 #: Summary keys shown elsewhere in the report (score line, tables, notes), not in the run table.
-_NOT_FACTS = ("score", "interval", "by_question_type", "by_answer_type", "notes")
+_NOT_FACTS = ("score", "interval", *BREAKDOWN_KEYS, "notes")
 
 
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -676,6 +679,7 @@ def _html_card(card: _Card) -> str:
 
 
 __all__ = [
+    "BREAKDOWN_KEYS",
     "CATEGORY_KEYS",
     "CORRECT_THRESHOLD",
     "EvalRecord",

@@ -28,6 +28,7 @@ from vlmkit.data.sources import DataSpec, eval_defaults, load_samples
 from vlmkit.errors import ConfigError, DataError, SampleError
 from vlmkit.eval.metrics import CORPUS_METRICS, aggregation_of, get_metric, group_score
 from vlmkit.eval.provenance import digest, environment, model_fingerprint, module_fingerprint
+from vlmkit.eval.report import CATEGORY_KEYS, CORRECT_THRESHOLD
 from vlmkit.models.adapters.base import ModelAdapter
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ SUBMISSION_FORMATS = {
     "docvqa": ("docvqa_{split}_submission.json", "questionId", "questionId"),
 }
 MAX_LISTED_BAD = 100
+GALLERY_IMAGES = 256  # embedded images of wrong answers kept per eval folder, for the report
 
 
 def with_prompt_suffix(sample: Sample, suffix: str) -> Sample:
@@ -101,6 +103,13 @@ def breakdown(rows: list[dict[str, Any]], key: str, metric: str) -> dict[str, di
         name: {"score": _score(metric, members), "n": len(members)}
         for name, members in sorted(groups.items())
     }
+
+
+def _breakdowns(rows: list[dict[str, Any]], metric: str) -> dict[str, dict[str, dict[str, float]]]:
+    """by_question_type and by_answer_type always (empty when the data has none); the others
+    (ChartQA's by_human_or_machine) only where the data carries them."""
+    out = {f"by_{key}": breakdown(rows, key, metric) for key in CATEGORY_KEYS}
+    return {k: v for k, v in out.items() if v or k in ("by_question_type", "by_answer_type")}
 
 
 def _score(metric: str, rows: list[dict[str, Any]]) -> float:
@@ -188,8 +197,7 @@ def build_summary(
             "n_unscored": unscored,
             "n_predictions": len(rows),
             **base,
-            "by_question_type": breakdown(rows, "question_type", metric),
-            "by_answer_type": breakdown(rows, "answer_type", metric),
+            **_breakdowns(rows, metric),
             "notes": notes,
         }
     )
@@ -215,6 +223,28 @@ def _write_submission(
         entries.append({file_key: question_id, "answer": row["prediction"]})
     name = filename.format(split=split)
     (out_dir / name).write_text(json.dumps(entries))
+    return name
+
+
+def _image_reference(sample: Sample, score: float | None, out_dir: Path, kept: list[int]) -> str | None:
+    """The image's path for the report's gallery. Images embedded in the data (parquet / arrow
+    bytes, PIL objects) have no path: the image of a wrong answer (the gallery's cards) is kept
+    as a small JPEG under `images/` in the eval folder, at most GALLERY_IMAGES per folder
+    (`kept[0]` counts them)."""
+    if isinstance(sample.image, (str, Path)):
+        return str(sample.image)
+    if sample.image is None or score is None or score >= CORRECT_THRESHOLD:
+        return None
+    from vlmkit.data.images import load_image
+
+    if kept[0] >= GALLERY_IMAGES:
+        return None
+    kept[0] += 1
+    (out_dir / "images").mkdir(exist_ok=True)
+    name = f"images/{digest(sample.id)[:16]}.jpg"
+    image = load_image(sample.image).copy()
+    image.thumbnail((320, 320))
+    image.convert("RGB").save(out_dir / name, format="JPEG", quality=85)
     return name
 
 
@@ -327,6 +357,7 @@ def evaluate(
     if not done:
         for stale in (predictions_path, bad_path, out_dir / "summary.json"):
             stale.unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "images", ignore_errors=True)  # the gallery's images of that run
     (out_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2))
     done_ids = {row["id"] for row in done}
     bad_before = set(_bad_ids(bad_path))
@@ -335,6 +366,7 @@ def evaluate(
         logger.info("resuming: %d of %d samples already predicted", len(done_ids), len(samples))
         predictions_path.write_text("".join(json.dumps(row) + "\n" for row in done))
     started = time.perf_counter()
+    kept = [sum(1 for _ in (out_dir / "images").glob("*.jpg"))]
     try:
         with predictions_path.open("a") as handle, tqdm(total=len(todo), desc="eval", unit="sample") as bar:
             for start in range(0, len(todo), batch_size):
@@ -342,13 +374,14 @@ def evaluate(
                 for sample, prediction in _generate_batch(
                     adapter, batch, prompt_suffix, max_new_tokens, on_bad_sample, bad_path
                 ):
+                    score = score_fn(prediction, sample.answers) if sample.answers else None
                     row = {
                         "id": sample.id,
                         "question": sample.question,
                         "prediction": prediction,
                         "answers": sample.answers,
-                        "score": score_fn(prediction, sample.answers) if sample.answers else None,
-                        "image": str(sample.image) if isinstance(sample.image, (str, Path)) else None,
+                        "score": score,
+                        "image": _image_reference(sample, score, out_dir, kept),
                         "meta": sample.meta,
                     }
                     handle.write(json.dumps(row) + "\n")

@@ -105,9 +105,11 @@ def read_settings_file(path: str) -> dict[str, Any]:
     """ServeSettings fields from a YAML/JSON mapping (validated with the rest, by ServeSettings)."""
     import yaml
 
+    from vlmkit.config import read_yaml  # the run configs' YAML 1.2 scalars
+
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = read_yaml(handle.read())
     except OSError as exc:
         raise ConfigError(f"cannot read the serve config {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
