@@ -6,7 +6,7 @@ LATEST ?= .venv-latest
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-all test-latest demo lint format bench lock versions
+.PHONY: install test test-all test-latest demo lint format bench lock schema versions
 
 $(STAMP): pyproject.toml scripts/install.sh requirements/lock-cpu.txt
 	bash scripts/install.sh $(VENV) $(PYTHON)
@@ -25,6 +25,9 @@ versions: $(STAMP)  ## what the environment runs with (CI prints it)
 
 lock:  ## regenerate requirements/lock-cpu.txt from pyproject.toml with the newest releases
 	bash scripts/lock.sh
+
+schema: $(STAMP)  ## rewrite src/vlmkit/hf_schema.json for the installed (locked) transformers; run after `make lock`
+	$(BIN)/python -m vlmkit.hf_schema --write
 
 test-latest:  ## the suite against the newest releases, unpinned, in $(LATEST) (finds breaks before users do)
 	rm -f $(LATEST)/.vlmkit-installed

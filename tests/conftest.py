@@ -32,7 +32,6 @@ TINY_DINOV2 = {
     "hidden_size": 32,
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
-    "intermediate_size": 64,
     "patch_size": 8,
 }
 

@@ -103,3 +103,36 @@ def test_clip_trains_on_img2dataset_shards(tmp_path):
     run = train_clip(config)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and metrics["bad_samples"] == 0
+
+
+def test_eval_streams_shards_a_batch_at_a_time(tmp_path, monkeypatch, tiny_vlm_dir):
+    """`vlmkit eval` on a shard folder holds one batch of decoded samples, not the folder."""
+    from vlmkit.eval.runner import evaluate
+    from vlmkit.models.adapters import load_adapter
+
+    keys = write_img2dataset(tmp_path / "laion", shards=3, per_shard=8)
+    adapter = load_adapter(tiny_vlm_dir, device="cpu")
+    decoded, seen_at_generate = [], []
+    original_decode, original_generate = shards.decode_record, adapter.generate
+
+    def counting_decode(record):
+        decoded.append(record["__key__"])
+        return original_decode(record)
+
+    def recording_generate(batch, **kwargs):
+        seen_at_generate.append((len(decoded), len(batch)))
+        return original_generate(batch, **kwargs)
+
+    monkeypatch.setattr(shards, "decode_record", counting_decode)
+    monkeypatch.setattr(adapter, "generate", recording_generate)
+    spec = {"source": "webdataset", "split": "test", "path": str(tmp_path / "laion")}
+    summary = evaluate(adapter, spec, tmp_path / "ev", batch_size=5, report=False)
+    # each batch was generated when only it (and one sample read ahead to start) was decoded
+    assert [n for n, _ in seen_at_generate] == [5, 10, 15, 20, 24]
+    assert summary["n"] == summary["n_samples"] == len(keys) == 24
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows] == keys
+    # resumed: the predicted ids are skipped while streaming, nothing is generated again
+    seen_at_generate.clear()
+    again = evaluate(adapter, spec, tmp_path / "ev", batch_size=5, report=False, limit=10)
+    assert seen_at_generate == [] and again["n"] == 10

@@ -52,12 +52,15 @@ json.dump({"class": type(model).__name__, "vlmkit_imported": any(m.startswith("v
 
 
 def tower(model_type: str) -> dict:
+    width = (
+        {"mlp_ratio": 2} if model_type == "dinov2" else {"intermediate_size": 64}
+    )  # DINOv2 has no intermediate_size
     return {
         "model_type": model_type,
         "hidden_size": 32,
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
-        "intermediate_size": 64,
+        **width,
         "patch_size": 8,
     }
 

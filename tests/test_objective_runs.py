@@ -243,3 +243,34 @@ def test_mistake_pairs_pair_wrong_answers_with_the_reference(tiny_vlm_dir, easyv
     assert records  # a random model is mostly wrong
     for record in records:
         assert record["rejected"] != record["chosen"] and record["chosen"] in record["answers"]
+
+
+def test_sampled_mistake_pairs_take_the_most_frequent_wrong_answer(
+    tiny_vlm_dir, easyvqa_samples, monkeypatch
+):
+    """With `num_samples`, a question answered right greedily still gets a pair when a sampled
+    answer is wrong; the rejected answer is the most frequent wrong one."""
+    from vlmkit.models.adapters import load_adapter
+    from vlmkit.train.objectives.pairs import mistake_pairs
+
+    adapter = load_adapter(tiny_vlm_dir)
+    samples = easyvqa_samples[:2]
+    right, other = samples[0].answers[0], "purple"
+    draws = iter([[right, right], [other, right], [other, "teal"], ["teal", right]])
+    calls = []
+
+    def scripted(batch, **kwargs):
+        calls.append(kwargs)
+        return next(draws)
+
+    monkeypatch.setattr(adapter, "generate", scripted)
+    records = mistake_pairs(adapter, samples, max_new_tokens=3, num_samples=3, temperature=2.0)
+    assert [call.get("do_sample", False) for call in calls] == [False, True, True, True]
+    assert {call.get("temperature") for call in calls[1:]} == {2.0}
+    assert len({call["seed"] for call in calls[1:]}) == 3  # each draw its own seed
+    by_id = {r["id"]: r for r in records}
+    assert by_id[samples[0].id]["rejected"] == other  # greedy was right; 2 of 3 draws said purple
+    second = samples[1]
+    wrong = [a for a in (right, right, "teal", right) if a != second.answers[0]]
+    assert by_id[second.id]["rejected"] == max(wrong, key=wrong.count)
+    assert all(r["rejected"] not in r["answers"] for r in records)

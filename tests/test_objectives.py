@@ -48,11 +48,13 @@ class StubAccelerator:
 class FusedVLM(nn.Module):
     """vlmkit's VLM with TRL's fused LM head on its language model: TRL computes the log-probabilities."""
 
-    def __init__(self, vlm: nn.Module) -> None:
+    def __init__(self, vlm: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.vlm = vlm
         trl_utils.add_fused_lm_head(
-            vlm.language_model, outputs=("log_probs", "entropy", "mean_logits", "is_top1")
+            vlm.language_model,
+            temperature=temperature,
+            outputs=("log_probs", "entropy", "mean_logits", "is_top1"),
         )
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, image_index=None, **kwargs):
@@ -84,8 +86,11 @@ def preference_samples(samples: list[Sample], count: int = 4) -> list[Sample]:
     return pairs
 
 
-def trl_dpo(model: nn.Module, batch: dict, ref: torch.Tensor, beta: float, loss_type: str) -> torch.Tensor:
-    """TRL 1.x DPOTrainer._compute_loss on `batch` (chosen rows, then rejected rows)."""
+def trl_dpo(
+    model: nn.Module, batch: dict, ref: torch.Tensor, beta: float, loss_type: str, sft_weight: float = 0.0
+) -> torch.Tensor:
+    """TRL 1.x DPOTrainer._compute_loss on `batch` (chosen rows, then rejected rows); `sft_weight`
+    adds TRL's "sft" loss type with that weight (RPO)."""
     from trl.trainer.dpo_trainer import DPOTrainer
 
     stub = types.SimpleNamespace(
@@ -95,8 +100,8 @@ def trl_dpo(model: nn.Module, batch: dict, ref: torch.Tensor, beta: float, loss_
         ld_alpha=None,
         precompute_ref_logps=True,
         f_divergence_type="reverse_kl",
-        loss_types=[loss_type],
-        loss_weights=[1.0],
+        loss_types=[loss_type, "sft"] if sft_weight else [loss_type],
+        loss_weights=[1.0, sft_weight] if sft_weight else [1.0],
         beta=beta,
         label_smoothing=0.0,
         use_weighting=False,
@@ -131,7 +136,7 @@ def vlm_adapter(tiny_vlm_dir):
     return load_adapter(tiny_vlm_dir)
 
 
-def check_dpo_matches_trl(adapter, trl_model, samples, loss: str) -> None:
+def check_dpo_matches_trl(adapter, trl_model, samples, loss: str, sft_weight: float = 0.0) -> None:
     model = adapter.model
     model.train()
     batch = adapter.encode(pairs_of(samples), train=True)
@@ -140,13 +145,13 @@ def check_dpo_matches_trl(adapter, trl_model, samples, loss: str) -> None:
     with torch.no_grad():
         reference, _ = pair_logps(model, batch)
         reference = reference + torch.randn_like(reference)  # a reference that differs from the policy
-    options = DPOOptions(beta=0.3, loss=loss)
+    options = DPOOptions(beta=0.3, loss=loss, sft_weight=sft_weight)
     logps, tokens = pair_logps(model, batch)
     chosen, rejected = logps.chunk(2)
     ours, stats = dpo_loss(chosen, rejected, *reference.chunk(2), options, *tokens.chunk(2))
     ours.backward()
     our_grads = grads(model)
-    theirs = trl_dpo(trl_model, batch, reference, beta=0.3, loss_type=loss)
+    theirs = trl_dpo(trl_model, batch, reference, beta=0.3, loss_type=loss, sft_weight=sft_weight)
     theirs.backward()
     their_grads = grads(model)
     assert abs(float(ours) - float(theirs)) < 1e-5
@@ -154,11 +159,11 @@ def check_dpo_matches_trl(adapter, trl_model, samples, loss: str) -> None:
     assert 0.0 <= float(stats["rewards/accuracies"]) <= 1.0
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
-def test_dpo_loss_and_gradient_equal_trls_on_vlmkit_vlm(vlm_adapter, easyvqa_samples, loss):
+@pytest.mark.parametrize(("loss", "sft_weight"), [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.7)])
+def test_dpo_loss_and_gradient_equal_trls_on_vlmkit_vlm(vlm_adapter, easyvqa_samples, loss, sft_weight):
     adapter = copy.deepcopy(vlm_adapter)
     check_dpo_matches_trl(
-        adapter, FusedVLM(copy.copy(adapter.model)), preference_samples(easyvqa_samples), loss
+        adapter, FusedVLM(copy.copy(adapter.model)), preference_samples(easyvqa_samples), loss, sft_weight
     )
 
 
@@ -280,10 +285,18 @@ def group_batch(adapter, sample: Sample, answers: list[str]) -> tuple[dict, int]
 
 
 @pytest.mark.parametrize(
-    ("loss_type", "beta", "off_policy"),
-    [("grpo", 0.0, False), ("grpo", 0.04, True), ("bnpo", 0.0, True), ("dr_grpo", 0.04, False)],
+    ("loss_type", "beta", "off_policy", "temperature"),
+    [
+        ("grpo", 0.0, False, 1.0),
+        ("grpo", 0.04, True, 1.0),
+        ("bnpo", 0.0, True, 1.0),
+        ("dr_grpo", 0.04, False, 1.0),
+        ("grpo", 0.04, True, 1.7),  # log-probs of the sampling distribution, as TRL's fused head
+    ],
 )
-def test_grpo_loss_and_gradient_equal_trls(vlm_adapter, easyvqa_samples, loss_type, beta, off_policy):
+def test_grpo_loss_and_gradient_equal_trls(
+    vlm_adapter, easyvqa_samples, loss_type, beta, off_policy, temperature
+):
     from vlmkit.train.objectives.grpo import grpo_loss
     from vlmkit.train.objectives.options import GRPOOptions
     from vlmkit.train.objectives.rewards import group_advantages, score
@@ -291,21 +304,25 @@ def test_grpo_loss_and_gradient_equal_trls(vlm_adapter, easyvqa_samples, loss_ty
     adapter = copy.deepcopy(vlm_adapter)
     model = adapter.model
     model.train()
-    options = GRPOOptions(num_generations=4, loss_type=loss_type, beta=beta, epsilon_high=0.28)
+    options = GRPOOptions(
+        num_generations=4, loss_type=loss_type, beta=beta, epsilon_high=0.28, temperature=temperature
+    )
     sample = easyvqa_samples[0]
     answers = [sample.answers[0], "blue", "yes yes", "circle"]
     rewards, _ = score(answers, [sample] * 4, options)
     advantages, _ = group_advantages(rewards, 4)
     batch, prompt_length = group_batch(adapter, sample, answers)
     with torch.no_grad():
-        base, _ = token_logps(model, batch)
+        base, _ = token_logps(model, batch, temperature)
         old = base + 0.3 * torch.randn_like(base) if off_policy else None  # exercises the clipping
         ref = base + 0.5 * torch.randn_like(base) if beta else None
-    per_token, mask = token_logps(model, batch)
+    per_token, mask = token_logps(model, batch, temperature)
     ours, _ = grpo_loss(per_token, per_token.detach() if old is None else old, advantages, mask, options, ref)
     ours.backward()
     our_grads = grads(model)
-    theirs = trl_grpo(FusedVLM(copy.copy(model)), batch, prompt_length, advantages, options, old, ref)
+    theirs = trl_grpo(
+        FusedVLM(copy.copy(model), temperature), batch, prompt_length, advantages, options, old, ref
+    )
     theirs.backward()
     their_grads = grads(model)
     assert abs(float(ours.detach()) - float(theirs.detach())) < 1e-5

@@ -74,17 +74,19 @@ def train(
 ) -> None:
     """Train (or fine-tune) a model from a run config (a VLM, or a CLIP model with `task: clip`)."""
     from vlmkit.config import load_config
-    from vlmkit.train.clip_config import config_task
-    from vlmkit.train.runner import train as run_training
+    from vlmkit.train.clip_config import config_task, load_clip_config
 
     config = recipe_path(config)
     if config_task(config) == "clip":
-        from vlmkit.train.clip import load_clip_config, train_clip
+        clip_config = load_clip_config(config, set_ or [])  # validated before torch is imported
+        from vlmkit.train.clip import train_clip
 
-        run_dir = train_clip(load_clip_config(config, set_ or []), resume=resume, command=command_line())
+        run_dir = train_clip(clip_config, resume=resume, command=command_line())
         console.print(f"CLIP model written to [bold]{escape(str(run_dir / 'model'))}[/bold]")
         return
-    run_config = load_config(config, set_ or [])
+    run_config = load_config(config, set_ or [])  # validated before torch is imported
+    from vlmkit.train.runner import train as run_training
+
     result = run_training(run_config, resume=resume, command=command_line(), accept_changes=accept_changes)
     console.print(f"model written to [bold]{escape(str(result.model_dir))}[/bold]")
     if result.eval_summary:
@@ -138,11 +140,13 @@ def eval_(
 
         raise ConfigError(f"unknown --task {task!r}; use vqa or zeroshot")
     from vlmkit.data.sources import data_spec, parse_options
-    from vlmkit.eval.runner import check_eval_options, evaluate
+    from vlmkit.eval.options import check_eval_options
+
+    check_eval_options(metric, batch_size, limit, max_new_tokens, on_bad_sample)  # before torch loads
+    spec = data_spec(data, path=data_path, options=parse_options(data_option))
+    from vlmkit.eval.runner import evaluate
     from vlmkit.models.adapters import load_adapter
 
-    check_eval_options(metric, batch_size, limit, max_new_tokens, on_bad_sample)  # before the model loads
-    spec = data_spec(data, path=data_path, options=parse_options(data_option))
     adapter = load_adapter(model)
     out = out or model.parent / f"eval-{data.replace(':', '-')}"
     summary = evaluate(
@@ -170,10 +174,11 @@ def rescore(
     metric: Annotated[str, typer.Option("--metric", help="Metric to re-score the stored predictions with")],
 ) -> None:
     """Re-score an eval folder's predictions with another metric, without generating again."""
-    from vlmkit.eval.runner import check_eval_options
-    from vlmkit.eval.runner import rescore as run_rescore
+    from vlmkit.eval.options import check_eval_options
 
     check_eval_options(metric)
+    from vlmkit.eval.runner import rescore as run_rescore
+
     summary = run_rescore(eval_dir, metric, command=command_line())
     print_eval_summary(summary)
     console.print(f"summary and report rewritten in [bold]{escape(str(eval_dir))}[/bold]")

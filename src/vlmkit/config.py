@@ -1,36 +1,117 @@
 """Run configs: one YAML file -> validated pydantic models. Unknown keys are errors.
 
 The `training:` section is handed to `transformers.TrainingArguments` unchanged, so the seeds'
-hyperparameter tables map onto it key for key; its keys are checked against that dataclass.
+hyperparameter tables map onto it key for key; its keys, value types and enum choices are checked
+against that dataclass (through `vlmkit.hf_schema`: no torch or transformers import), so a
+broken config fails in one line in well under a second.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from transformers import TrainingArguments
 
 from vlmkit.data.sources import DataSpec
 from vlmkit.errors import ConfigError
+from vlmkit.hf_schema import training_fields
 from vlmkit.models.specs import VLMSpec
 from vlmkit.train.objectives.options import DPOOptions, GRPOOptions, Objective
 
 M = TypeVar("M", bound=BaseModel)
 
-TRAINING_KEYS = frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
 # Keys older transformers (and the seeds' tables) use, mapped to their transformers 5 names.
 TRAINING_ALIASES = {"warmup_ratio": "warmup_steps"}
+# Ranges TrainingArguments leaves to the optimiser or the data loader to fail on, deep in a run.
+TRAINING_MINIMUMS: dict[str, tuple[float, bool]] = {  # key: (bound, bound allowed)
+    "learning_rate": (0, True),
+    "weight_decay": (0, True),
+    "per_device_train_batch_size": (1, True),
+    "per_device_eval_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True),
+    "num_train_epochs": (0, False),
+    "warmup_steps": (0, True),
+    "max_grad_norm": (0, True),
+    "adam_epsilon": (0, False),
+}
+TYPE_NAMES = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "text", "null": "null"}
+
+
+def check_training_values(section: dict[str, Any], where: str) -> dict[str, Any]:
+    """Unknown keys, wrong value types, unknown enum values (`lr_scheduler_type: cosin`) and
+    out-of-range numbers are one-line errors; a number written as text that YAML 1.1 reads as
+    a string (`2e-5`) is converted. Returns the section with those conversions."""
+    fields = training_fields()
+    unknown = sorted(set(section) - set(fields))
+    if unknown:
+        hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, fields, 1)) else k
+                 for k in unknown]  # fmt: skip
+        raise ValueError(
+            f"unknown key(s) {', '.join(f'{where}.{k}' for k in hints)}: "
+            "`training` takes transformers.TrainingArguments fields"
+        )
+    checked = dict(section)
+    for key, value in section.items():
+        checked[key] = _training_value(f"{where}.{key}", value, fields[key], key)
+    return checked
+
+
+def _training_value(name: str, value: Any, entry: dict[str, Any], key: str) -> Any:
+    kinds, choices = entry.get("types"), entry.get("choices")
+    if isinstance(value, str) and choices:
+        if value not in choices:
+            close = difflib.get_close_matches(value, choices, 1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{name}: {value!r} is not a choice; {hint}choose one of {', '.join(choices)}")
+        return value
+    if kinds is not None:
+        value = _coerced(name, value, kinds)
+    bound = TRAINING_MINIMUMS.get(key)
+    if bound is not None and isinstance(value, int | float) and not isinstance(value, bool):
+        low, inclusive = bound
+        if value < low or (value == low and not inclusive):
+            relation = "at least" if inclusive else "more than"
+            raise ValueError(f"{name}: {value} must be {relation} {low}")
+    return value
+
+
+def _coerced(name: str, value: Any, kinds: list[str]) -> Any:
+    if value is None:
+        if "null" in kinds:
+            return value
+    elif isinstance(value, bool):
+        if "bool" in kinds:
+            return value
+    elif isinstance(value, int):
+        if "int" in kinds or "float" in kinds:
+            return value
+    elif isinstance(value, float):
+        if "float" in kinds:
+            return value
+        if "int" in kinds and value.is_integer():
+            return int(value)
+    elif isinstance(value, str):
+        if "str" in kinds:
+            return value
+        if "float" in kinds:
+            try:
+                return float(value)  # 2e-5: YAML 1.1 reads a number without a dot as text
+            except ValueError:
+                pass
+        if "int" in kinds and value.strip().lstrip("-").isdigit():
+            return int(value)
+    wanted = " or ".join(TYPE_NAMES[k] for k in kinds if k != "null")
+    raise ValueError(f"{name}: {value!r} is not {wanted}")
 
 
 def _rename_aliases(training: dict[str, Any]) -> dict[str, Any]:
     renamed = dict(training)
     for old, new in TRAINING_ALIASES.items():
-        if old in renamed and old not in TRAINING_KEYS:
+        if old in renamed and old not in training_fields():
             if new in renamed:
                 raise ValueError(f"give training.{new} or training.{old}, not both")
             renamed[new] = renamed.pop(old)
@@ -212,16 +293,24 @@ class RunConfig(Strict):
         self.training = _rename_aliases(self.training)
         for stage in self.stages:
             stage.training = _rename_aliases(stage.training)
-        for where, section in [("training", self.training)] + [
-            (f"stages[{s.name}].training", s.training) for s in self.stages
-        ]:
-            unknown = sorted(set(section) - TRAINING_KEYS)
-            if unknown:
-                raise ValueError(
-                    f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}: "
-                    "`training` takes transformers.TrainingArguments fields"
-                )
+        self.training = check_training_values(self.training, "training")
+        for stage in self.stages:
+            stage.training = check_training_values(stage.training, f"stages[{stage.name}].training")
+        names = [stage.name for stage in self.stages]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(
+                f"stage name(s) {', '.join(map(repr, repeated))} used twice: stages are addressed "
+                "(and their run folders named) by name; give each a name of its own"
+            )
         for stage in self.resolved_stages():
+            frozen = stage.freeze or Freeze()
+            if frozen.vision and frozen.projector and frozen.lm and self.model.lora is None:
+                where = f"stage {stage.name}" if self.stages else "the run"
+                raise ValueError(
+                    f"{where} freezes the vision tower, the projector and the LM, and adds no LoRA: "
+                    "nothing would train; unfreeze a part or set model.lora"
+                )
             if stage.data is not None and stage.data.eval is not None and stage.data.eval.turns_per_image:
                 raise ValueError(
                     "data.eval.turns_per_image: evaluation asks one question per sample; "
@@ -316,7 +405,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         if isinstance(node, list):
             raise ConfigError(f"--set {item!r}: name an item of the list, then its key")
-        node[parts[-1]] = read_yaml(value)
+        try:
+            node[parts[-1]] = read_yaml(value)
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML; quote it (--set '{key}=\"...\"') "
+                "or fix its brackets"
+            ) from None
     return raw
 
 

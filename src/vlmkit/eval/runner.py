@@ -11,12 +11,14 @@ re-scores stored predictions with another metric without generating.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import shutil
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -24,9 +26,10 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from vlmkit.data.sample import Sample
-from vlmkit.data.sources import DataSpec, eval_defaults, load_samples
+from vlmkit.data.sources import DataSpec, eval_defaults, is_streamed, iter_samples, load_samples
 from vlmkit.errors import ConfigError, DataError, SampleError
 from vlmkit.eval.metrics import CORPUS_METRICS, aggregation_of, get_metric, group_score
+from vlmkit.eval.options import check_eval_options
 from vlmkit.eval.provenance import digest, environment, model_fingerprint, module_fingerprint
 from vlmkit.eval.report import CATEGORY_KEYS, CORRECT_THRESHOLD
 from vlmkit.models.adapters.base import ModelAdapter
@@ -70,26 +73,6 @@ def read_done(path: Path) -> list[dict[str, Any]]:
 def is_scored(row: dict[str, Any]) -> bool:
     """Rows of samples without reference answers carry `score: null` and are left out of scores."""
     return row.get("score") is not None
-
-
-def check_eval_options(
-    metric: str | None = None,
-    batch_size: int = 32,
-    limit: int | None = None,
-    max_new_tokens: int | None = None,
-    on_bad_sample: str = "fail",
-) -> None:
-    """One-line errors for bad eval options, cheap enough to run before any model loads."""
-    if metric is not None:
-        get_metric(metric)
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size} must be at least 1")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit {limit} must be at least 1; leave it out to score every sample")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    if on_bad_sample not in ("skip", "fail"):
-        raise ConfigError(f"on_bad_sample {on_bad_sample!r} is not supported; use skip or fail")
 
 
 def breakdown(rows: list[dict[str, Any]], key: str, metric: str) -> dict[str, dict[str, float]]:
@@ -248,6 +231,13 @@ def _image_reference(sample: Sample, score: float | None, out_dir: Path, kept: l
     return name
 
 
+def _first_checked(stream: Iterator[Sample]) -> Iterator[Sample]:
+    """`stream` with its first sample read now, so that a missing or empty source fails before
+    the eval folder is touched."""
+    first = next(stream, None)
+    return iter(()) if first is None else itertools.chain([first], stream)
+
+
 def _bad_ids(path: Path) -> list[str]:
     if not path.exists():
         return []
@@ -310,19 +300,16 @@ def evaluate(
     over, with a warning, instead of refusing when out_dir holds another eval's predictions.
     """
     check_eval_options(metric, batch_size, limit, max_new_tokens, on_bad_sample)
+    samples: Iterable[Sample]
     if isinstance(data, list):
         samples, data_name, source, split, spec = data, "samples", None, "", data
     else:
         parsed = data if isinstance(data, DataSpec) else DataSpec.model_validate(data)
-        samples, data_name, source, split, spec = (
-            load_samples(parsed),
-            str(parsed),
-            parsed.source,
-            parsed.split,
-            parsed,
-        )
+        # Shards are streamed a batch at a time (a LAION-sized folder never sits in memory).
+        samples = _first_checked(iter_samples(parsed)) if is_streamed(parsed) else load_samples(parsed)
+        data_name, source, split, spec = str(parsed), parsed.source, parsed.split, parsed
     if limit is not None:
-        samples = samples[:limit]
+        samples = samples[:limit] if isinstance(samples, list) else itertools.islice(samples, limit)
     defaults = eval_defaults(source)  # per-source metric, instruction and answer budget
     metric_name = metric or defaults["metric"]
     prompt_suffix = defaults["prompt_suffix"] if prompt_suffix is None else prompt_suffix
@@ -359,18 +346,28 @@ def evaluate(
             stale.unlink(missing_ok=True)
         shutil.rmtree(out_dir / "images", ignore_errors=True)  # the gallery's images of that run
     (out_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2))
-    done_ids = {row["id"] for row in done}
-    bad_before = set(_bad_ids(bad_path))
-    todo = [s for s in samples if s.id not in done_ids and s.id not in bad_before]
+    skip = {row["id"] for row in done} | set(_bad_ids(bad_path))
+    wanted: set[str] = set()  # every sample id of this eval, predicted now or before
+
+    def pending() -> Iterator[Sample]:
+        for sample in samples:
+            wanted.add(sample.id)
+            if sample.id not in skip:
+                yield sample
+
+    todo_total = None
+    if isinstance(samples, list):
+        todo_total = sum(1 for s in samples if s.id not in skip)
     if done:
-        logger.info("resuming: %d of %d samples already predicted", len(done_ids), len(samples))
+        logger.info("resuming: %d samples already predicted", len(done))
         predictions_path.write_text("".join(json.dumps(row) + "\n" for row in done))
     started = time.perf_counter()
     kept = [sum(1 for _ in (out_dir / "images").glob("*.jpg"))]
+    predicted = 0
+    todo = pending()
     try:
-        with predictions_path.open("a") as handle, tqdm(total=len(todo), desc="eval", unit="sample") as bar:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
+        with predictions_path.open("a") as handle, tqdm(total=todo_total, desc="eval", unit="sample") as bar:
+            while batch := list(itertools.islice(todo, batch_size)):
                 for sample, prediction in _generate_batch(
                     adapter, batch, prompt_suffix, max_new_tokens, on_bad_sample, bad_path
                 ):
@@ -386,13 +383,13 @@ def evaluate(
                     }
                     handle.write(json.dumps(row) + "\n")
                 handle.flush()
+                predicted += len(batch)
                 bar.update(len(batch))
     except BaseException:
         if created and not read_done(predictions_path):  # failed before any prediction: leave no folder
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     elapsed = time.perf_counter() - started
-    wanted = {s.id for s in samples}
     rows = [row for row in read_done(predictions_path) if row["id"] in wanted]
     bad = [sample_id for sample_id in _bad_ids(bad_path) if sample_id in wanted]
     if not rows:
@@ -402,14 +399,14 @@ def evaluate(
         "data": data_name,
         "data_spec": fingerprint["data"],
         "limit": limit,
-        "n_samples": len(samples),
+        "n_samples": len(wanted),
         "n_bad_samples": len(bad),
         "bad_samples": bad[:MAX_LISTED_BAD],
         "on_bad_sample": on_bad_sample,
         "command": command or " ".join(sys.argv),
         "created": datetime.now(timezone.utc).isoformat(),
         "seconds": round(elapsed, 2),
-        "samples_per_second": round(len(todo) / elapsed, 2) if todo and elapsed > 0 else None,
+        "samples_per_second": round(predicted / elapsed, 2) if predicted and elapsed > 0 else None,
         "generation": {
             "do_sample": False,
             "max_new_tokens": max_new_tokens,

@@ -6,6 +6,7 @@ loaded with the LM, or trained on the run's text when the LM is built from scrat
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -67,6 +68,35 @@ def build_tokenizer(spec: VLMSpec, texts: Iterable[str] | None) -> PreTrainedTok
     return tokenizer
 
 
+def check_part_fields(spec: VLMSpec) -> None:
+    """A key a part's config class does not define becomes a stray attribute. Some are read by the
+    model code all the same (Qwen2's `head_dim`), so such keys are logged, not refused; one that is
+    a near miss of a real field (`hiden_sizes`) is a typo that would build a default-sized part
+    silently, and is refused in one line, before the tokenizer is trained. (The one config check
+    that needs transformers' config classes.)"""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for where, part in (("vision", spec.vision), ("language_model", spec.language_model)):
+        if part.config is None:
+            continue
+        config_class = CONFIG_MAPPING[part.config["model_type"]]
+        known = set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
+        for key in sorted(set(part.config) - known):
+            close = difflib.get_close_matches(key, known, 1, cutoff=0.85)
+            if close:
+                raise ConfigError(
+                    f"model.init.{where}.config.{key}: {config_class.__name__} has no such field; "
+                    f"did you mean {close[0]}?"
+                )
+            logger.warning(
+                "model.init.%s.config.%s is not a field of %s: kept as an attribute, used only if "
+                "the model code reads it",
+                where,
+                key,
+                config_class.__name__,
+            )
+
+
 def _text_part(spec: VLMSpec, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
     part = spec.language_model
     overrides: dict[str, Any] = {}
@@ -107,6 +137,7 @@ def build_vlm(
     `quantization` (a QuantizationSpec) puts the LM's linear layers in 4-bit once built (QLoRA).
     """
     register_auto_classes()
+    check_part_fields(spec)
     tokenizer = build_tokenizer(spec, texts)
     language_model = _text_part(spec, tokenizer)
     image_processor = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlmkit.models.specs import PROJECTOR_NAMES
+
 
 class LinearProjector(nn.Module):
     """One linear map per token (the DINOv2 + Gemma 2 seed, PaliGemma style)."""
@@ -95,3 +97,4 @@ PROJECTORS: dict[str, type[nn.Module]] = {
     "mlp": MLPProjector,
     "resampler": ResamplerProjector,
 }
+assert tuple(PROJECTORS) == PROJECTOR_NAMES, "list a new projector in vlmkit.models.specs.PROJECTOR_NAMES"

@@ -1,11 +1,11 @@
-"""Vision backbones: one registry line per Hugging Face model type, and feature selection.
+"""Vision backbones: building and loading towers, and feature selection.
 
-The registry is keyed by the config's exact `model_type`, never by a substring of a name.
+The registry (`BACKBONES`, one line per Hugging Face model type, in `vlmkit.models.specs` so
+configs validate without torch) is keyed by the exact `model_type`, never a substring of a name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -13,37 +13,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from vlmkit.errors import ConfigError
+from vlmkit.models.specs import BACKBONES, DUAL_ENCODERS, Backbone
+
+__all__ = ["BACKBONES", "DUAL_ENCODERS", "Backbone", "select_features", "vision_config_of"]
 
 FeatureSelect = Literal["cls_patch", "patch", "cls"]
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """How a backbone's outputs become a token sequence.
-
-    `sequence` models (ViTs) return (B, T, D) hidden states, with a CLS token first when
-    `has_cls`; `feature_map` models (CNNs) return (B, C, H, W) maps whose H*W cells become
-    tokens, and their pooled output stands in for CLS.
-    """
-
-    layout: Literal["sequence", "feature_map"]
-    has_cls: bool
-    # Parameters a VLM's forward never uses (masked-image-modelling tokens): kept frozen, since a
-    # "trainable" parameter that never gets a gradient trips DDP and FSDP resume.
-    unused: tuple[str, ...] = ()
-
-
-BACKBONES: dict[str, Backbone] = {
-    "dinov2": Backbone("sequence", has_cls=True, unused=("embeddings.mask_token",)),
-    "vit": Backbone("sequence", has_cls=True, unused=("embeddings.mask_token",)),
-    "clip_vision_model": Backbone("sequence", has_cls=True),
-    "siglip_vision_model": Backbone("sequence", has_cls=False),
-    "resnet": Backbone("feature_map", has_cls=True),
-    "convnext": Backbone("feature_map", has_cls=True),
-}
-
-# Dual (image + text) checkpoints whose vision half is the tower: model_type -> vision sub-config key.
-DUAL_ENCODERS: dict[str, str] = {"clip": "vision_config", "siglip": "vision_config"}
 
 
 def vision_config_of(config: PretrainedConfig) -> PretrainedConfig:

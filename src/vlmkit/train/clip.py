@@ -287,6 +287,9 @@ def training_arguments(config: ClipRunConfig, run_dir: Path) -> TrainingArgument
 
 def train_clip(config: ClipRunConfig, *, resume: bool | None = None, command: str | None = None) -> Path:
     """Train CLIP as configured; returns the run folder (the model is in RUN/model)."""
+    from vlmkit.train.orphans import stop_when_orphaned
+
+    stop_when_orphaned()  # a rank whose launcher was killed ends instead of training on alone
     run_dir = config.run_dir()
     if config.streams() and int(config.training.get("max_steps", -1)) <= 0:
         raise ConfigError("streamed shards have no length: set training.max_steps (optimizer steps to run)")

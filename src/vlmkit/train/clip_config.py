@@ -20,9 +20,15 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-from vlmkit.config import TRAINING_KEYS, Strict, _rename_aliases, read_config_file, read_yaml, validate
+from vlmkit.config import (
+    Strict,
+    _rename_aliases,
+    check_training_values,
+    read_config_file,
+    read_yaml,
+    validate,
+)
 from vlmkit.data.sources import DataSpec
 from vlmkit.models.specs import TokenizerSpec
 
@@ -36,6 +42,8 @@ def _field_names(config_class: type) -> set[str]:
 
 def check_clip_fields(fields: dict[str, Any]) -> None:
     """Raise ValueError naming the first unknown or tokenizer-owned key of a CLIPConfig mapping."""
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig  # here: only CLIP runs pay for it
+
     for key in sorted(set(fields) - _field_names(CLIPConfig)):
         raise ValueError(f"unknown CLIPConfig key {key!r}")
     for section, config_class in (("text_config", CLIPTextConfig), ("vision_config", CLIPVisionConfig)):
@@ -116,14 +124,7 @@ class ClipRunConfig(Strict):
     @field_validator("training")
     @classmethod
     def _check_training_keys(cls, training: dict[str, Any]) -> dict[str, Any]:
-        training = _rename_aliases(training)
-        unknown = sorted(set(training) - TRAINING_KEYS)
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) {', '.join(f'training.{k}' for k in unknown)}: "
-                "`training` takes transformers.TrainingArguments fields"
-            )
-        return training
+        return check_training_values(_rename_aliases(training), "training")
 
     def run_dir(self) -> Path:
         return Path(self.output_dir or self.training.get("output_dir") or Path("runs") / self.name)

@@ -39,6 +39,9 @@ INT8_BYTES = 1.0 + 4 / 4096  # int8 weights + a per-row fp32 scale (rows ~4k wid
 def _config_of(source: str) -> Any:
     from transformers import AutoConfig
 
+    from vlmkit.models.vlm import register_auto_classes
+
+    register_auto_classes()  # a vlmkit_vlm folder
     try:
         return AutoConfig.from_pretrained(source)
     except OSError as exc:

@@ -290,6 +290,9 @@ def train(
     folder whose fingerprint matches this config and data (`accept_changes` overrides that)."""
     from accelerate import PartialState
 
+    from vlmkit.train.orphans import stop_when_orphaned
+
+    stop_when_orphaned()  # a rank whose launcher was killed ends instead of training on alone
     run_dir = config.run_dir()
     lock = None
     try:

@@ -6,10 +6,11 @@ after a source knows which dataset a Sample came from.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from vlmkit.data.sample import Sample
 from vlmkit.errors import DataError
 
 SourceFn = Callable[..., list[Sample]]
+StreamFn = Callable[..., Iterator[Sample]]
 _SOURCES: dict[str, SourceFn] = {}
+_STREAMS: dict[str, StreamFn] = {}
 _EVAL_DEFAULTS: dict[str, dict[str, Any]] = {}
 
 SHORT_ANSWER = " Answer the question using a single word or phrase."
@@ -42,6 +45,17 @@ def register_source(
             "prompt_suffix": prompt_suffix,
             "max_new_tokens": max_new_tokens,
         }
+        return fn
+
+    return wrap
+
+
+def register_stream(name: str) -> Callable[[StreamFn], StreamFn]:
+    """Register a lazy reader for source `name` (same arguments as the source): `iter_samples`
+    uses it so that data too large for memory (webdataset shards) is read a batch at a time."""
+
+    def wrap(fn: StreamFn) -> StreamFn:
+        _STREAMS[name] = fn
         return fn
 
     return wrap
@@ -77,7 +91,15 @@ class DataSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_options(self) -> DataSpec:
-        """An option the source does not take fails here, at config load, listing those it does."""
+        """An unknown source, or an option the source does not take, fails here, at config load,
+        listing the valid ones."""
+        _import_builtin_sources()
+        if self.source not in _SOURCES:
+            close = difflib.get_close_matches(self.source, _SOURCES, 1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(
+                f"unknown data source {self.source!r}{hint}; choose one of: {', '.join(sorted(_SOURCES))}"
+            )
         check_options(self.source, self.options)
         return self
 
@@ -174,16 +196,21 @@ def default_metric(source: str) -> str:
     return eval_defaults(source)["metric"]
 
 
-def load_samples(spec: DataSpec | str | dict[str, Any]) -> list[Sample]:
-    """Read a source, then subsample by fraction and/or count with a fixed seed."""
-    spec = spec if isinstance(spec, DataSpec) else data_spec(spec)
+def _source_call(spec: DataSpec) -> tuple[str, dict[str, Any]]:
     _import_builtin_sources()
     if spec.source not in _SOURCES:
         raise DataError(f"unknown data source {spec.source!r}; choose one of: {', '.join(sorted(_SOURCES))}")
     kwargs = dict(spec.options)
     if spec.path is not None:
         kwargs["path"] = spec.path
-    samples = _SOURCES[spec.source](split=spec.split, **kwargs)
+    return spec.source, kwargs
+
+
+def load_samples(spec: DataSpec | str | dict[str, Any]) -> list[Sample]:
+    """Read a source, then subsample by fraction and/or count with a fixed seed."""
+    spec = spec if isinstance(spec, DataSpec) else data_spec(spec)
+    source, kwargs = _source_call(spec)
+    samples = _SOURCES[source](split=spec.split, **kwargs)
     if spec.where:
         samples = _matching(samples, spec)
     if spec.fraction is not None:
@@ -198,6 +225,46 @@ def load_samples(spec: DataSpec | str | dict[str, Any]) -> list[Sample]:
     if not samples:
         raise DataError(f"data source {spec} is empty; check its path and split")
     return samples
+
+
+def is_streamed(spec: DataSpec) -> bool:
+    """Whether `iter_samples(spec)` reads lazily rather than loading the whole source first."""
+    _import_builtin_sources()
+    whole = spec.fraction is not None or spec.count is not None or spec.turns_per_image is not None
+    return spec.source in _STREAMS and not whole
+
+
+def iter_samples(spec: DataSpec | str | dict[str, Any]) -> Iterator[Sample]:
+    """The samples of `spec` one at a time, in source order.
+
+    A source with a lazy reader (webdataset shards) is streamed, `where` and `limit` applied on
+    the way, so only what the consumer holds is in memory. What needs every sample first
+    (`fraction`, `count`, `turns_per_image`) and sources without a lazy reader go through
+    `load_samples`.
+    """
+    spec = spec if isinstance(spec, DataSpec) else data_spec(spec)
+    source, kwargs = _source_call(spec)
+    if not is_streamed(spec):
+        yield from load_samples(spec)
+        return
+    read = kept = 0
+    seen: dict[str, set[str]] = {key: set() for key in spec.where}
+    for sample in _STREAMS[source](split=spec.split, **kwargs):
+        read += 1
+        if spec.where and not all(sample.meta.get(k) in v for k, v in spec.where.items()):
+            for key, values in seen.items():
+                if len(values) < 50:
+                    values.add(str(sample.meta.get(key)))
+            continue
+        kept += 1
+        yield sample
+        if spec.limit is not None and kept >= spec.limit:
+            return
+    if read and not kept:
+        present = {key: sorted(values) for key, values in seen.items()}
+        raise DataError(f"no sample of {spec} matches where={spec.where}; values present: {present}")
+    if not kept:
+        raise DataError(f"data source {spec} is empty; check its path and split")
 
 
 def _matching(samples: list[Sample], spec: DataSpec) -> list[Sample]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from vlmkit.data.images import ImageLike
 from vlmkit.data.sample import Sample
-from vlmkit.data.sources import register_source
+from vlmkit.data.sources import register_source, register_stream
 from vlmkit.data.sources.jsonl import jsonl_records
 from vlmkit.errors import DataError
 
@@ -180,14 +180,23 @@ def load_webdataset(
 ) -> list[Sample]:
     """Every sample of a set of tar shards (img2dataset layout), decoded into memory.
 
-    For data too large for memory, training streams the shards instead (see `iter_shards`).
+    Training and `vlmkit eval` stream the shards instead (`iter_webdataset`, `iter_samples`).
     Corrupt images are counted and reported; `on_bad_sample: fail` stops at the first.
     """
+    return list(iter_webdataset(split, path, on_bad_sample))
+
+
+@register_stream("webdataset")
+def iter_webdataset(
+    split: str = "train",
+    path: str | Sequence[str] | None = None,
+    on_bad_sample: Literal["skip", "fail"] = "skip",
+) -> Iterator[Sample]:
+    """The shards' samples decoded one at a time as they are consumed."""
     from vlmkit.data.shards import ShardReadStats, iter_shards
 
     if path is None:
         raise DataError('the webdataset source needs a path (e.g. path: "shards/{000000..000009}.tar")')
     stats = ShardReadStats()
-    samples = list(iter_shards(path, on_bad_sample=on_bad_sample, stats=stats))
+    yield from iter_shards(path, on_bad_sample=on_bad_sample, stats=stats)
     stats.report(logger)
-    return samples

@@ -26,10 +26,14 @@ logger = logging.getLogger(__name__)
 NON_MODEL_KEYS = frozenset({"labels", "sample_ids", "image_keys", "ref_logps"})
 
 
-def token_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(
+    model: nn.Module, batch: dict[str, Any], temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probability of each next token, mask of labelled next tokens), both (rows, length - 1).
 
     Unlabelled positions hold 0, so `.sum(-1)` is a sequence's log-probability over its answer.
+    `temperature` divides the logits first: GRPO's policy is the distribution it sampled from
+    (TRL puts the same temperature into its fused LM head).
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
@@ -37,6 +41,8 @@ def token_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, 
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     rows = logits[:, :-1][mask].float()  # (labelled tokens, vocab)
+    if temperature != 1.0:
+        rows = rows / temperature
     picked = rows.log_softmax(-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
     return picked.new_zeros(mask.shape).masked_scatter(mask, picked), mask
 

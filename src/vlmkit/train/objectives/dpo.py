@@ -42,7 +42,8 @@ def dpo_loss(
     """The mean DPO loss over pairs and the implicit rewards `beta * (logp - ref_logp)`.
 
     sigmoid: -log σ(β Δ), with cDPO label smoothing ε: -(1-ε) log σ(β Δ) - ε log σ(-β Δ);
-    ipo: (Δ' - 1/(2β))², Δ' from log-ratios averaged per answer token (as TRL, with IPO's authors).
+    ipo: (Δ' - 1/(2β))², Δ' from log-ratios averaged per answer token (as TRL, with IPO's authors);
+    plus `sft_weight` × the mean NLL per chosen answer token (TRL's "sft" loss type).
     """
     chosen_ratio = chosen_logps - ref_chosen_logps
     rejected_ratio = rejected_logps - ref_rejected_logps
@@ -66,7 +67,14 @@ def dpo_loss(
         "logps/chosen": chosen_logps.detach().mean(),
         "logps/rejected": rejected_logps.detach().mean(),
     }
-    return losses.mean(), stats
+    loss = losses.mean()
+    if options.sft_weight:
+        if chosen_tokens is None:
+            raise ValueError("dpo.sft_weight needs each answer's token count")
+        nll = -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
+        loss = loss + options.sft_weight * nll
+        stats["nll/chosen"] = nll.detach()
+    return loss, stats
 
 
 def pair_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,14 +135,15 @@ class GRPOLoss(Trainer):
             [with_answer(s, a) for s, a in zip(rows, answers, strict=True)], train=True
         )
         batch = {k: v.to(self.adapter.device) for k, v in encoded.items()}
-        per_token, mask = token_logps(model, batch)
+        temperature = options.temperature  # the policy that sampled the answers
+        per_token, mask = token_logps(model, batch, temperature)
         reference = None
         if self.reference == "adapter":
             with adapter_disabled(self.accelerator.unwrap_model(model)):
-                reference, _ = token_logps(model, batch)
+                reference, _ = token_logps(model, batch, temperature)
         elif self.reference == "copy" and self.reference_model is not None:
             with torch.no_grad():
-                reference, _ = token_logps(self.reference_model, batch)
+                reference, _ = token_logps(self.reference_model, batch, temperature)
         loss, stats = grpo_loss(
             per_token, per_token.detach(), advantages.to(per_token.device), mask, options, reference
         )

@@ -30,6 +30,11 @@ class DPOOptions(_Strict):
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     # Conservative DPO / cDPO: the probability that a pair's preference label is flipped.
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    # Weight of a supervised term, the mean NLL of the chosen answers' tokens, added to the loss
+    # (RPO, Pang et al. 2024; TRL: loss_type [sigmoid, sft], loss_weights [1, sft_weight]). It keeps
+    # DPO from lowering the chosen answers' likelihood along with the rejected ones, which
+    # one-word answers suffer from (docs/recipes.md).
+    sft_weight: float = Field(default=0.0, ge=0)
     reference: Reference = "auto"
     # Batch size of the pass that computes the cached reference log-probabilities.
     reference_batch_size: int = Field(default=16, ge=1)

@@ -1,6 +1,7 @@
 """Preference pairs from a model's own mistakes: its wrong answer (rejected) against the reference.
 
-`python -m vlmkit.train.objectives.pairs MODEL OUT.jsonl [--source easyvqa --split train]` writes a
+`python -m vlmkit.train.objectives.pairs MODEL OUT.jsonl [--source easyvqa --split train]
+[--samples 4 --temperature 2]` writes a
 JSONL that the `preference` source reads; the easy-VQA DPO recipe (configs/easyvqa_dpo.yaml)
 trains on it. Only samples with an image path (or none) can be written.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,31 +31,57 @@ def mistake_pairs(
     metric: str = "exact_match",
     batch_size: int = 64,
     max_new_tokens: int = 8,
+    num_samples: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """One record per sample the model answers wrongly (greedy; `metric` below 1)."""
+    """One record per sample the model answers wrongly (`metric` below 1): greedy, or with
+    `num_samples` > 0 the most frequent wrong answer among the greedy one and that many sampled
+    at `temperature`.
+
+    Greedy mistakes are a biased set: on easy-VQA, DPO on them alone taught "flip the answer" and
+    test accuracy fell from 91% to 26-37% (docs/recipes.md). Sampling also finds the wrong answers
+    a model gives some weight to on questions it answers right, so the pairs cover the data.
+    """
     score = get_metric(metric)
     records = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        answers = adapter.generate(chunk, max_new_tokens=max_new_tokens)
-        for sample, answer in zip(chunk, answers, strict=True):
-            if not sample.answers or score(answer, sample.answers) >= 1.0:
+        answers = [[answer] for answer in adapter.generate(chunk, max_new_tokens=max_new_tokens)]
+        for draw in range(num_samples):
+            sampled = adapter.generate(
+                chunk,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                seed=seed * 1_000_003 + start * 131 + draw,
+            )
+            for options, answer in zip(answers, sampled, strict=True):
+                options.append(answer)
+        for sample, options in zip(chunk, answers, strict=True):
+            if not sample.answers:
                 continue
+            wrong = [
+                a
+                for a in options
+                if score(a, sample.answers) < 1.0 and a.strip() != sample.answers[0].strip()
+            ]
+            if not wrong:
+                continue  # right every time (a partial-credit metric may disagree with the string)
             if sample.image is not None and not isinstance(sample.image, str):
                 raise DataError(f"sample {sample.id!r}: its image is not a file path; pairs store paths")
-            if answer.strip() == sample.answers[0].strip():
-                continue  # the metric disagrees with the string, e.g. a partial-credit metric
+            rejected = Counter(wrong).most_common(1)[0][0]
             records.append(
                 {
                     "id": sample.id,
                     "image": sample.image,
                     "question": sample.question,
                     "chosen": sample.answers[0],
-                    "rejected": answer,
+                    "rejected": rejected,
                     "answers": sample.answers,
                 }
             )
-    logger.info("%d of %d answers were wrong: %d pairs", len(records), len(samples), len(records))
+    logger.info("%d of %d samples have a wrong answer: %d pairs", len(records), len(samples), len(records))
     return records
 
 
@@ -68,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--metric", default="exact_match")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=0, help="sampled answers per question, besides greedy")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     records = mistake_pairs(
@@ -75,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
         load_samples({"source": args.source, "split": args.split}),
         metric=args.metric,
         max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        num_samples=args.samples,
+        temperature=args.temperature,
+        seed=args.seed,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in records))
