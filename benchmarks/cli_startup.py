@@ -44,7 +44,8 @@ CONFIG = {
 
 def cases(folder: Path) -> dict[str, list[str]]:
     good = folder / "run.yaml"
-    good.write_text(yaml.safe_dump(CONFIG))
+    # a run folder of its own: a tree that validates late starts a run before it fails
+    good.write_text(yaml.safe_dump({**CONFIG, "output_dir": str(folder / "run")}))
     bad_yaml = folder / "bad.yaml"
     bad_yaml.write_text("model: [unclosed\n")
     train = ["train", str(good), "--set"]

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from easyvqa_demo import git_commit  # benchmarks/ is on the path when run as a script
+
 RESULTS = Path(__file__).parent / "results"
 BIN = Path(sys.executable).parent
 # The demo recipe cut short: `what` 4 epochs (of 6) and `vqa` 1 epoch (of 3.5).
@@ -203,15 +205,6 @@ def machine() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "trl": trl.__version__,
     }
-
-
-def git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 if __name__ == "__main__":
