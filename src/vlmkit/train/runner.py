@@ -321,7 +321,7 @@ def write_model(folder: Path, write: Any, adapter: ModelAdapter) -> None:
 def make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"  # one per process: ranks start together
         probe.write_text("")
         probe.unlink()
     except OSError as error:
