@@ -137,7 +137,7 @@ def read_fingerprint(run_dir: Path) -> dict[str, Any] | None:
 
 def write_fingerprint(run_dir: Path, record: dict[str, Any], *, finished: bool) -> None:
     path = run_dir / FINGERPRINT
-    staging = path.with_name(FINGERPRINT + ".tmp")
+    staging = path.with_name(f"{FINGERPRINT}.{os.getpid()}.tmp")  # one per process
     staging.write_text(json.dumps({**record, "finished": finished}, indent=2))
     os.replace(staging, path)
 

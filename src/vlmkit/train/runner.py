@@ -369,7 +369,9 @@ def _train_run(
     done = recorded and recorded.get("finished") and not fingerprint_changes(recorded, current)
     if done and holds_model(run_dir / "model") and (run_dir / "metrics.json").is_file():
         return finished_run(config, run_dir)
-    if process.is_main_process:
+    # the launcher's RANK as well: before TrainingArguments exists, accelerate may see every CPU
+    # rank as a main process, and two ranks writing these files at once break each other's writes
+    if int(os.environ.get("RANK", "0")) == 0 and process.is_main_process:
         try:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
             (run_dir / "run.json").write_text(json.dumps(run_metadata(config, command), indent=2))
