@@ -297,14 +297,21 @@ def train(
     lock = None
     try:
         make_run_dir(run_dir)
-        # the launcher's RANK, not PartialState: before TrainingArguments(use_cpu=True) exists,
-        # accelerate sees each CPU rank as a main process of its own
-        if int(os.environ.get("RANK", "0")) == 0 and PartialState().is_main_process:
+        if writes_run_files(PartialState()):
             lock = RunLock(run_dir).acquire()
         return _train_run(config, resume=resume, command=command, accept_changes=accept_changes)
     finally:
         if lock is not None:
             lock.release()
+
+
+def writes_run_files(process: Any) -> bool:
+    """Whether this process takes the run lock and writes config.yaml, run.json and the fingerprint.
+
+    The launcher's RANK as well as accelerate's view: before TrainingArguments(use_cpu=True)
+    exists, accelerate sees each CPU rank as a main process of its own, and two ranks writing
+    these files at once break each other's writes."""
+    return int(os.environ.get("RANK", "0")) == 0 and process.is_main_process
 
 
 def write_model(folder: Path, write: Any, adapter: ModelAdapter) -> None:
@@ -369,9 +376,7 @@ def _train_run(
     done = recorded and recorded.get("finished") and not fingerprint_changes(recorded, current)
     if done and holds_model(run_dir / "model") and (run_dir / "metrics.json").is_file():
         return finished_run(config, run_dir)
-    # the launcher's RANK as well: before TrainingArguments exists, accelerate may see every CPU
-    # rank as a main process, and two ranks writing these files at once break each other's writes
-    if int(os.environ.get("RANK", "0")) == 0 and process.is_main_process:
+    if writes_run_files(process):
         try:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
             (run_dir / "run.json").write_text(json.dumps(run_metadata(config, command), indent=2))

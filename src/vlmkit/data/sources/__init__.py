@@ -93,13 +93,9 @@ class DataSpec(BaseModel):
     def _check_options(self) -> DataSpec:
         """An unknown source, or an option the source does not take, fails here, at config load,
         listing the valid ones."""
-        _import_builtin_sources()
-        if self.source not in _SOURCES:
-            close = difflib.get_close_matches(self.source, _SOURCES, 1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ValueError(
-                f"unknown data source {self.source!r}{hint}; choose one of: {', '.join(sorted(_SOURCES))}"
-            )
+        problem = unknown_source(self.source)
+        if problem:
+            raise ValueError(problem)
         check_options(self.source, self.options)
         return self
 
@@ -196,10 +192,20 @@ def default_metric(source: str) -> str:
     return eval_defaults(source)["metric"]
 
 
-def _source_call(spec: DataSpec) -> tuple[str, dict[str, Any]]:
+def unknown_source(name: str) -> str | None:
+    """Why `name` is not a registered source (with the closest one), or None when it is."""
     _import_builtin_sources()
-    if spec.source not in _SOURCES:
-        raise DataError(f"unknown data source {spec.source!r}; choose one of: {', '.join(sorted(_SOURCES))}")
+    if name in _SOURCES:
+        return None
+    close = difflib.get_close_matches(name, _SOURCES, 1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown data source {name!r}{hint}; choose one of: {', '.join(sorted(_SOURCES))}"
+
+
+def _source_call(spec: DataSpec) -> tuple[str, dict[str, Any]]:
+    problem = unknown_source(spec.source)
+    if problem:
+        raise DataError(problem)
     kwargs = dict(spec.options)
     if spec.path is not None:
         kwargs["path"] = spec.path
@@ -251,7 +257,7 @@ def iter_samples(spec: DataSpec | str | dict[str, Any]) -> Iterator[Sample]:
     seen: dict[str, set[str]] = {key: set() for key in spec.where}
     for sample in _STREAMS[source](split=spec.split, **kwargs):
         read += 1
-        if spec.where and not all(sample.meta.get(k) in v for k, v in spec.where.items()):
+        if not _matches(sample, spec.where):
             for key, values in seen.items():
                 if len(values) < 50:
                     values.add(str(sample.meta.get(key)))
@@ -267,8 +273,12 @@ def iter_samples(spec: DataSpec | str | dict[str, Any]) -> Iterator[Sample]:
         raise DataError(f"data source {spec} is empty; check its path and split")
 
 
+def _matches(sample: Sample, where: dict[str, list[Any]]) -> bool:
+    return all(sample.meta.get(key) in values for key, values in where.items())
+
+
 def _matching(samples: list[Sample], spec: DataSpec) -> list[Sample]:
-    kept = [s for s in samples if all(s.meta.get(key) in values for key, values in spec.where.items())]
+    kept = [s for s in samples if _matches(s, spec.where)]
     if samples and not kept:
         seen = {key: sorted({str(s.meta.get(key)) for s in samples[:10_000]}) for key in spec.where}
         raise DataError(f"no sample of {spec} matches where={spec.where}; values present: {seen}")
