@@ -175,6 +175,7 @@ def start_server(
         "max_queue": max(256, 2 * args.clients),
         "request_timeout_s": 600.0,
         "default_max_tokens": args.max_tokens,
+        "model_process": args.engine == "process",
     }
     code = (
         "import sys, torch\n"
@@ -184,6 +185,8 @@ def start_server(
         f"serve({str(model_dir)!r}, port={port}, log_level='warning', **{limits!r})\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    if args.torch_threads:  # the model process is spawned: it reads the thread count from here
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
     return subprocess.Popen([sys.executable, "-c", code], env=env)
 
 
@@ -265,6 +268,7 @@ async def run_load(
     clients: int,
     max_tokens: int,
     bad_clients: int = 0,
+    bad_kinds: list[str] | None = None,
 ) -> None:
     """`clients` closed-loop clients, each on its own keep-alive connection, for `result.seconds`
     (alongside `bad_clients` attackers from the end of the warm-up on)."""
@@ -308,7 +312,11 @@ async def run_load(
             await one(connection, next(counter), record=True)
 
     stop = asyncio.Event()
-    attack = asyncio.create_task(bad_traffic(port, questions[0], bad_clients, stop)) if bad_clients else None
+    attack = (
+        asyncio.create_task(bad_traffic(port, questions[0], bad_clients, stop, bad_kinds))
+        if bad_clients
+        else None
+    )
     await asyncio.gather(*(client_loop(c) for c in connections))
     result.seconds = time.perf_counter() - began  # includes draining the last in-flight requests
     stop.set()
@@ -347,9 +355,13 @@ def bad_bodies(question: Question) -> dict[str, bytes]:
     }
 
 
-async def bad_traffic(port: int, question: Question, clients: int, stop: asyncio.Event) -> dict[str, Any]:
+async def bad_traffic(
+    port: int, question: Question, clients: int, stop: asyncio.Event, kinds: list[str] | None = None
+) -> dict[str, Any]:
     """`clients` attackers cycling through the bad kinds until `stop`; returns what each kind got."""
     bodies = bad_bodies(question)
+    if kinds:
+        bodies = {kind: bodies[kind] for kind in kinds}
     outcomes: dict[str, Counter[str]] = {kind: Counter() for kind in bodies}
 
     async def abandon(body: bytes) -> None:
@@ -399,7 +411,8 @@ def run_mode(mode: str, model_dir: Path, questions: list[Question], args: argpar
         result = ModeResult(mode=mode, max_batch_size=max_batch_size, seconds=args.seconds)
         server_before, client_before = cpu_seconds(process.pid), time.process_time()
         bad = args.bad_clients if mode == "mixed" else 0
-        asyncio.run(run_load(port, questions, result, args.clients, args.max_tokens, bad))
+        kinds = args.bad_kinds.split(",") if args.bad_kinds else None
+        asyncio.run(run_load(port, questions, result, args.clients, args.max_tokens, bad, kinds))
         result.server_batching = httpx.get(url + "/health", timeout=10).json()["batching"]
         result.server_cpu_s = round(cpu_seconds(process.pid) - server_before, 2)
         result.client_cpu_s = round(time.process_time() - client_before, 2)
@@ -410,12 +423,16 @@ def run_mode(mode: str, model_dir: Path, questions: list[Question], args: argpar
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its children, e.g. the model process (Linux /proc)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # fields[1]: the parent pid
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def versions() -> dict[str, str]:
@@ -448,6 +465,17 @@ def main() -> None:
         "--modes", default="batched,single", help="batched, single; normal,mixed for the bad-traffic run"
     )
     parser.add_argument("--bad-clients", type=int, default=4, help="attackers in the mixed mode")
+    parser.add_argument(
+        "--bad-kinds",
+        default="",
+        help="comma-separated subset of over_long_prompt,ico_bomb,pixel_bomb,abandoned (default: all)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["process", "thread"],
+        default="process",
+        help="model in its own process (serve's default) or in a thread of the server's",
+    )
     parser.add_argument("--note", default="", help="free text kept in the JSON (e.g. machine load)")
     parser.add_argument(
         "--out", type=Path, help="default results/serve_load.json (mixed: serve_load_mixed.json)"
@@ -507,6 +535,8 @@ def main() -> None:
             "batch_wait_ms": args.batch_wait_ms,
             "torch_threads": args.torch_threads or "torch default",
             "bad_clients_in_mixed_mode": args.bad_clients,
+            "bad_kinds": args.bad_kinds or "all",
+            "engine": args.engine,
         },
         "results": results,
     }

@@ -177,3 +177,43 @@ def test_interleaved_images_and_text_only_rows_in_one_batch(family_dirs, family)
     assert torch.isfinite(adapter.model(**batch).loss)
     with pytest.raises(Exception, match="2 image part"):
         adapter.encode([Sample(id="bad", image=[image(3)], messages=two.messages)])
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_chat_and_serve_answer_as_generate_does(family_dirs, family, tmp_path):
+    """`vlmkit chat` (a two-turn conversation) and `vlmkit serve` (the official openai client)
+    give each family's own greedy answers: the serving and chat layers add nothing per family."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from test_serve import data_url, live_server
+    from vlmkit.data.images import load_image
+    from vlmkit.serve import ServeSettings
+    from vlmkit.serve.app import create_app
+    from vlmkit.serve.chat import chat_loop
+
+    adapter = load_adapter(family_dirs(family))
+    path = tmp_path / "picture.png"
+    image(0, (40, 32)).save(path)
+    picture = load_image(path)
+    questions = iter([QA[0][0], QA[1][0]])
+
+    def read() -> str:
+        return next(questions, "")
+
+    said: list[str] = []
+    history = chat_loop(adapter, path, read, said.append, max_new_tokens=6)
+    first = [{"role": "user", "content": QA[0][0]}]
+    assert said[0] == adapter.generate([Sample(id="1", image=picture, messages=first)], max_new_tokens=6)[0]
+    second = [*first, {"role": "assistant", "content": said[0]}, {"role": "user", "content": QA[1][0]}]
+    assert said[1] == adapter.generate([Sample(id="2", image=picture, messages=second)], max_new_tokens=6)[0]
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    with live_server(create_app(adapter, ServeSettings(batch_wait_ms=0))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+        content = [
+            {"type": "image_url", "image_url": {"url": data_url(path.read_bytes())}},
+            {"type": "text", "text": QA[0][0]},
+        ]
+        reply = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": content}], max_tokens=6
+        )
+    assert reply.choices[0].message.content == said[0]

@@ -376,7 +376,7 @@ def test_rejections_are_openai_errors() -> None:
             (chat_body("q", image="https://example.com/cat.png"), 400, "remote_images_disabled"),
             (chat_body("q", image="http://169.254.169.254/latest/meta-data"), 400, "remote_images_disabled"),
             (chat_body("q", image="file:///etc/passwd"), 400, None),
-            (chat_body("q", image=None), 400, "one_image_required"),
+            (chat_body("q", image=None), 400, "image_required"),
             (chat_body("q", n=99), 400, None),  # over max_n
             (chat_body("q", seed=2**63), 400, None),
             (chat_body("q", response_format={"type": "json_object"}), 400, "unsupported_parameter"),
@@ -390,7 +390,7 @@ def test_rejections_are_openai_errors() -> None:
         ]
         two_images = chat_body("q")
         two_images["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": RED}})
-        cases.append((two_images, 400, "one_image_required"))
+        cases.append((two_images, 400, "too_many_images"))
         for body, status, code in cases:
             assert_error_shape(httpx.post(url + "/v1/chat/completions", json=body), status, code)
         json_header = {"Content-Type": "application/json"}
@@ -613,6 +613,13 @@ def test_serve_builds_the_app_from_a_model_folder(
     assert settings.model_name == tiny_vlm_dir.name
     serve(str(tiny_vlm_dir), api_key="explicit")
     assert calls[1]["app"].state.settings.key() == "explicit"
+    engine = calls[0]["app"].state.batcher.engine
+    assert engine.process.is_alive()  # serve's default: the model in a process of its own
+    for call in calls:
+        call["app"].state.batcher.engine.close()
+    assert not engine.process.is_alive()
+    serve(str(tiny_vlm_dir), model_process=False)
+    assert not hasattr(calls[2]["app"].state.batcher.engine, "process")
     with pytest.raises(ConfigError, match="max_batch_size"):
         serve(str(tiny_vlm_dir), max_batch_size=0)
     with pytest.raises(ConfigError, match="no_such_limit"):

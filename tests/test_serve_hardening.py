@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import socket
@@ -131,17 +132,18 @@ def test_over_long_prompts_are_refused_at_admission_without_delaying_others() ->
 def test_prompt_count_at_admission_matches_the_adapters_encoding(
     tiny_adapter: ModelAdapter, easyvqa_samples: list[Sample]
 ) -> None:
-    from vlmkit.serve.admission import Admission, model_context
+    from vlmkit.serve.prompt_length import PromptCounter, model_context
 
-    admission = Admission(tiny_adapter, ServeSettings())
-    try:
-        assert admission.context == model_context(tiny_adapter) > 0
-        for sample in easyvqa_samples[:6]:
-            prompt = Sample(id="p", image=Image.open(sample.image), messages=sample.prompt_messages())
-            real = int(tiny_adapter.encode([prompt], train=False)["attention_mask"].sum())
-            assert admission.prompt_tokens(prompt) == real
-    finally:
-        admission.close()
+    counter = PromptCounter(tiny_adapter)
+    assert counter.limits.context == model_context(tiny_adapter) > 0
+    for sample in easyvqa_samples[:6]:
+        image = Image.open(sample.image)
+        prompt = Sample(id="p", image=image, messages=sample.prompt_messages())
+        real = int(tiny_adapter.encode([prompt], train=False)["attention_mask"].sum())
+        assert counter.count(prompt.messages, [image.size]) == real
+        text_only = Sample(id="t", image=None, messages=sample.prompt_messages())
+        real = int(tiny_adapter.encode([text_only], train=False)["attention_mask"].sum())
+        assert counter.count(text_only.messages, []) == real
 
 
 # -- 2. images ----------------------------------------------------------------------------------------------
@@ -163,6 +165,7 @@ def test_image_formats_and_frames_are_checked_before_decoding() -> None:
     settings = ServeSettings(max_image_frames=4)
     ico = ico_holding(bomb_png(13000, 13000))  # opening it unguarded decodes 169 MP (~0.5 s)
     decode_image(png_bytes(), settings)  # Pillow's plugins are loaded
+    gc.collect()  # a collection of the earlier tests' garbage is not what this times
     started = time.monotonic()
     with pytest.raises(APIError) as refused:
         decode_image(ico, settings)
@@ -516,6 +519,7 @@ def test_cli_flags_and_config_file_reach_the_settings(
             "serve", "--model", str(tiny_vlm_dir), "--config", str(config), "--max-batch-size", "5",
             "--max-context-tokens", "99", "--allowed-host", "box.lan", "--cors-origin", "http://a.example",
             "--request-timeout-s", "3", "--shutdown-grace-s", "2", "--header-timeout-s", "4",
+            "--model-in-thread", "--short-first-batches", "0", "--max-images", "3",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -525,6 +529,18 @@ def test_cli_flags_and_config_file_reach_the_settings(
     assert settings.cors_origins == ["http://a.example"] and settings.request_timeout_s == 3
     assert settings.shutdown_grace_s == 2 and settings.header_timeout_s == 4
     assert (kwargs["host"], kwargs["port"]) == ("127.0.0.1", 8000)
+    assert not settings.model_process and settings.short_first_batches == 0 and settings.max_images == 3
+    # every setting has its flag
+    import inspect
+
+    from vlmkit.cli import serve as serve_command
+
+    flags = set(inspect.signature(serve_command).parameters)
+    plural = {"image_formats", "allowed_image_hosts", "allowed_hosts", "cors_origins"}  # repeatable flags
+    missing = [
+        name for name in ServeSettings.model_fields if (name[:-1] if name in plural else name) not in flags
+    ]
+    assert not missing, missing
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_queue: 0\n")
     failed = CliRunner().invoke(app, ["serve", "--model", str(tiny_vlm_dir), "--config", str(bad)])

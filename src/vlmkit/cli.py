@@ -320,6 +320,9 @@ def serve(
     model_name: Annotated[str | None, _limit("Model id in /v1/models (default: folder name)")] = None,
     max_batch_size: Annotated[int | None, _limit("Most requests per model call (default 16)")] = None,
     batch_wait_ms: Annotated[float | None, _limit("Wait to fill a batch (default 5)")] = None,
+    short_first_batches: Annotated[
+        int | None, _limit("Batches of shorter requests that may pass a longer one; 0 FIFO (default 2)")
+    ] = None,
     max_queue: Annotated[int | None, _limit("Waiting requests before 429 (default 256)")] = None,
     request_timeout_s: Annotated[
         float | None, _limit("Queue + generation budget before 504 (default 120)")
@@ -335,6 +338,17 @@ def serve(
         int | None, _limit("Decoded image bytes waiting (default 1 GiB)")
     ] = None,
     decode_workers: Annotated[int | None, _limit("Image-decoding threads (default 2)")] = None,
+    max_images: Annotated[
+        int | None, _limit("Images per request, where the model takes several (default 8)")
+    ] = None,
+    model_process: Annotated[
+        bool | None,
+        typer.Option(
+            "--model-process/--model-in-thread",
+            help="Run the model in its own process (default), or in a thread of the server's",
+            show_default=False,
+        ),
+    ] = None,
     max_context_tokens: Annotated[
         int | None, _limit("Prompt + max_tokens bound (default model's context)")
     ] = None,

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP serving with dynamic batching and a built-in web page.
 
-`serve(model_dir)` runs a server; `create_app(adapter, settings)` (in `vlmkit.serve.app`) builds
-the app for tests or embedding. FastAPI/uvicorn are imported only when one of them is used.
+`serve(model_dir)` runs a server, with the model in a process of its own (engine_process.py);
+`create_app(adapter_or_engine, settings)` (in `vlmkit.serve.app`) builds the app for tests or
+embedding. FastAPI/uvicorn are imported only when one of them is used.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from vlmkit.models.adapters.base import ModelAdapter
 from vlmkit.serve.admission import Admission
 from vlmkit.serve.batching import Batcher, QueueFullError
 from vlmkit.serve.conversation import generation_params
+from vlmkit.serve.engine import Engine, ThreadEngine, model_unavailable
 from vlmkit.serve.errors import APIError, bad_request, error_body, too_large
 from vlmkit.serve.guards import HostGuard
 from vlmkit.serve.jobs import Completion, Delta, EventKind, Job
@@ -51,18 +52,21 @@ from vlmkit.serve.settings import ServeSettings
 logger = logging.getLogger(__name__)
 
 
-def create_app(adapter: ModelAdapter, settings: ServeSettings | None = None) -> FastAPI:
-    """An app serving `adapter`; the model itself runs in the batcher's single worker thread.
+def create_app(model: ModelAdapter | Engine, settings: ServeSettings | None = None) -> FastAPI:
+    """An app serving `model`: an adapter (run in one thread of this process) or an engine, e.g. a
+    `ProcessEngine` that runs it in a child process (what `vlmkit serve` does).
 
     `app.state.drain()` is what a graceful shutdown awaits (see `vlmkit.serve.server`): new
     requests get 503, running ones get `shutdown_grace_s` to finish, the rest end with 503.
     """
     settings = settings or ServeSettings()
-    admission = Admission(adapter, settings)
+    engine = model if isinstance(model, Engine) else ThreadEngine(model, settings.max_context_tokens)
+    admission = Admission(engine, settings)
     batcher = Batcher(
-        adapter,
+        engine,
         max_batch_size=settings.max_batch_size,
         wait_s=settings.batch_wait_ms / 1000,
+        short_first=settings.short_first_batches,
         max_queue=settings.max_queue,
         max_queued_bytes=settings.max_queued_image_bytes,
     )
@@ -104,15 +108,19 @@ def create_app(adapter: ModelAdapter, settings: ServeSettings | None = None) -> 
         return HTMLResponse(page, headers=page_headers)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "draining" if app.state.draining else "ok",
-            "model": settings.model_name,
-            "auth": settings.api_key is not None,
-            "waiting": batcher.waiting,
-            "context_tokens": admission.context,
-            "batching": batcher.stats.as_dict(),
-        }
+    async def health() -> JSONResponse:
+        if engine.failure is not None:
+            return JSONResponse(model_unavailable(engine.failure).body(), status_code=503)
+        return JSONResponse(
+            {
+                "status": "draining" if app.state.draining else "ok",
+                "model": settings.model_name,
+                "auth": settings.api_key is not None,
+                "waiting": batcher.waiting,
+                "context_tokens": admission.context,
+                "batching": batcher.stats(),
+            }
+        )
 
     @app.get("/openapi.json", dependencies=[auth], include_in_schema=False)
     async def openapi() -> JSONResponse:
@@ -126,6 +134,8 @@ def create_app(adapter: ModelAdapter, settings: ServeSettings | None = None) -> 
     async def chat_completions(request: Request) -> Response:
         if app.state.draining:
             raise _shutting_down()
+        if engine.failure is not None:
+            raise model_unavailable(engine.failure)
         _require_json(request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.request_timeout_s
@@ -134,10 +144,15 @@ def create_app(adapter: ModelAdapter, settings: ServeSettings | None = None) -> 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             batcher.check_room()  # before decoding anything: a full queue refuses cheaply
-            admitted = await admission.admit(chat, params, request_id)
-            job = batcher.submit(
-                request_id, admitted.sample, admitted.params, stream=bool(chat.stream), nbytes=admitted.nbytes
-            )
+            with batcher.admitting():  # submitted before the count drops: the window sees it arrive
+                admitted = await admission.admit(chat, params, request_id)
+                job = batcher.submit(
+                    request_id,
+                    admitted.sample,
+                    admitted.params,
+                    stream=bool(chat.stream),
+                    nbytes=admitted.nbytes,
+                )
         except QueueFullError as exc:
             raise APIError(
                 429,

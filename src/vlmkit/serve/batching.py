@@ -1,9 +1,9 @@
-"""Dynamic batching: requests wait briefly in a queue and run together in one `generate` call.
+"""The server's side of dynamic batching: admission control over the jobs it has submitted.
 
-One collector task on the event loop forms batches; one worker thread runs the model, so the
-model never runs concurrently with itself. A batch only holds requests whose decoding settings
-match (`GenerationParams.batch_key`), and the oldest waiting request picks the next batch's
-settings (no starvation). Results travel back per request through each `Job` (see jobs.py).
+Batches themselves are formed beside the model (batch_queue.py, in the engine's thread or process),
+so the model never waits for this event loop. Here: how many requests wait and how many decoded
+image bytes they hold (429 beyond `max_queue` / `max_queued_bytes`), cancelling, and shutdown.
+Results travel back per request through each `Job` (see jobs.py).
 """
 
 from __future__ import annotations
@@ -11,17 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
 
 from vlmkit.data.sample import Sample
-from vlmkit.models.adapters.base import ModelAdapter
 from vlmkit.serve.conversation import GenerationParams
+from vlmkit.serve.engine import Engine
 from vlmkit.serve.errors import APIError
 from vlmkit.serve.jobs import Job
-from vlmkit.serve.worker import run_batch
 
 logger = logging.getLogger(__name__)
 
@@ -30,69 +26,61 @@ class QueueFullError(Exception):
     """The waiting queue is at `max_queue`; the request is refused with 429."""
 
 
-@dataclass
-class BatchStats:
-    batches: int = 0
-    requests: int = 0
-    sizes: Counter[int] = field(default_factory=Counter)
-
-    def record(self, size: int) -> None:
-        self.batches += 1
-        self.requests += size
-        self.sizes[size] += 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "batches": self.batches,
-            "requests": self.requests,
-            "largest_batch": max(self.sizes, default=0),
-            "mean_batch": round(self.requests / self.batches, 2) if self.batches else 0.0,
-        }
-
-
 class Batcher:
-    """Owns the waiting queue, the collector task and the single model thread."""
+    """Owns the set of live jobs (submitted, not yet answered) on the event loop."""
 
     def __init__(
         self,
-        adapter: ModelAdapter,
+        engine: Engine,
         *,
         max_batch_size: int,
         wait_s: float,
+        short_first: int = 2,
         max_queue: int,
         max_queued_bytes: int | None = None,
     ) -> None:
-        self.adapter = adapter
-        self.max_batch_size = max_batch_size
-        self.wait_s = wait_s
+        self.engine = engine
         self.max_queue = max_queue
         self.max_queued_bytes = max_queued_bytes
-        self.stats = BatchStats()
-        self.queued_bytes = 0
-        self._pending: deque[Job] = deque()
-        self._running: list[Job] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmkit-model")
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._live: set[Job] = set()
+        self._admitting = 0
+        engine.configure(max_batch_size, wait_s, short_first)
+
+    @contextlib.contextmanager
+    def admitting(self) -> Iterator[None]:
+        """Around a request's admission: the engine's batch window waits for it (see batch_queue.py)."""
+        self._admitting += 1
+        self.engine.set_admitting(self._admitting)
+        try:
+            yield
+        finally:
+            self._admitting -= 1
+            self.engine.set_admitting(self._admitting)
 
     @property
     def waiting(self) -> int:
-        return len(self._pending)
+        """Requests submitted whose batch has not started yet."""
+        return sum(1 for job in self._live if not job.started)
+
+    @property
+    def queued_bytes(self) -> int:
+        return sum(job.nbytes for job in self._live if not job.started)
 
     @property
     def in_flight(self) -> int:
         """Requests waiting or running."""
-        return len(self._pending) + sum(1 for job in self._running if not job.cancelled)
+        return len(self._live)
+
+    def stats(self) -> dict[str, object]:
+        return self.engine.stats()
 
     def check_room(self, nbytes: int = 0) -> None:
         """Raise QueueFullError when a request of `nbytes` decoded image would not fit the queue."""
-        if len(self._pending) >= self.max_queue:
-            raise QueueFullError(
-                f"{len(self._pending)} requests are already waiting (max_queue={self.max_queue})"
-            )
+        waiting = self.waiting
+        if waiting >= self.max_queue:
+            raise QueueFullError(f"{waiting} requests are already waiting (max_queue={self.max_queue})")
         limit = self.max_queued_bytes
-        if limit is not None and self._pending and self.queued_bytes + nbytes > limit:
+        if limit is not None and waiting and self.queued_bytes + nbytes > limit:
             raise QueueFullError(
                 f"waiting requests already hold {self.queued_bytes} bytes of images "
                 f"(max_queued_image_bytes={limit})"
@@ -101,9 +89,9 @@ class Batcher:
     def submit(
         self, request_id: str, sample: Sample, params: GenerationParams, *, stream: bool, nbytes: int = 0
     ) -> Job:
-        """Queue a request (raises QueueFullError at `max_queue` waiting requests or queued bytes)."""
-        loop = self._ensure_started()
+        """Hand a request to the engine (raises QueueFullError at `max_queue` or queued bytes)."""
         self.check_room(nbytes)
+        loop = asyncio.get_running_loop()
         job = Job(
             id=request_id,
             sample=sample,
@@ -112,95 +100,39 @@ class Batcher:
             loop=loop,
             future=loop.create_future(),
             nbytes=nbytes,
+            on_finish=self._live.discard,
         )
-        self._pending.append(job)
-        self.queued_bytes += nbytes
-        assert self._wakeup is not None
-        self._wakeup.set()
+        self._live.add(job)
+        self.engine.submit(job)
         return job
 
     def cancel(self, job: Job) -> None:
-        """Forget a request whose client gave up; if it is already running its result is dropped."""
+        """Forget a request whose client gave up; if it is already running its row is ended."""
+        if job.cancelled:
+            return
         job.cancelled = True
-        with contextlib.suppress(ValueError):
-            self._pending.remove(job)
-            self.queued_bytes -= job.nbytes
+        self._live.discard(job)
+        self.engine.cancel(job)
 
     async def drain(self, grace_s: float) -> None:
         """Let waiting and running requests finish for up to `grace_s`, then end the rest with 503."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
-        while self.in_flight and loop.time() < deadline:
+        while self._live and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        left = list(self._live)
+        if left:
+            logger.warning("shutting down: %d request(s) did not finish within %.1f s", len(left), grace_s)
+        self._end(left)
+
+    async def aclose(self) -> None:
+        self._end(list(self._live))
+        self.engine.close()
+
+    def _end(self, jobs: list[Job]) -> None:
         error = APIError(
             503, "the server is shutting down; retry later", type="server_error", code="shutting_down"
         )
-        left = [*self._pending, *(job for job in self._running if not job.cancelled)]
-        if left:
-            logger.warning("shutting down: %d request(s) did not finish within %.1f s", len(left), grace_s)
-        for job in left:
+        for job in jobs:
             job.deliver("error", error)
             self.cancel(job)
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        error = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-        while self._pending:
-            self._pending.popleft().deliver("error", error)
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    # -- collector ---------------------------------------------------------------------------------
-    def _ensure_started(self) -> asyncio.AbstractEventLoop:
-        loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done() or self._loop is not loop:
-            self._loop = loop
-            self._wakeup = asyncio.Event()
-            self._pending.clear()
-            self.queued_bytes = 0
-            self._task = loop.create_task(self._collect(), name="vlmkit-batcher")
-        return loop
-
-    async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._wakeup is not None
-        wakeup = self._wakeup
-        while True:
-            if not self._pending:
-                wakeup.clear()
-                await wakeup.wait()
-                continue
-            key = self._pending[0].key
-            deadline = loop.time() + self.wait_s
-            while self._count(key) < self.max_batch_size and (remaining := deadline - loop.time()) > 0:
-                wakeup.clear()
-                try:
-                    await asyncio.wait_for(wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            batch = self._take(key)
-            if not batch:
-                continue
-            self.stats.record(len(batch))
-            self._running = batch
-            try:
-                await loop.run_in_executor(self._executor, run_batch, self.adapter, batch)
-            except Exception:  # run_batch handles its own errors; this is a last resort
-                logger.exception("batch of %d failed", len(batch))
-                error = APIError(500, "internal error; see the server log", type="server_error")
-                for job in batch:
-                    job.deliver("error", error)
-            finally:
-                self._running = []
-
-    def _count(self, key: tuple[object, ...]) -> int:
-        return sum(1 for job in self._pending if job.key == key)
-
-    def _take(self, key: tuple[object, ...]) -> list[Job]:
-        batch = [job for job in self._pending if job.key == key][: self.max_batch_size]
-        for job in batch:
-            self._pending.remove(job)
-            self.queued_bytes -= job.nbytes
-        return [job for job in batch if not job.cancelled]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from vlmkit.data.sample import Message
 from vlmkit.serve.errors import bad_request
@@ -166,41 +167,57 @@ def generation_params(chat: ChatCompletionRequest, settings: ServeSettings) -> G
     )
 
 
-def _text_of(message: ChatMessage, index: int) -> tuple[str, list[str]]:
-    """The message's text (parts joined by newlines) and the URLs of its image parts."""
-    if message.content is None:
-        return "", []
-    if isinstance(message.content, str):
-        return message.content, []
-    texts = [part.text for part in message.content if isinstance(part, TextPart)]
-    images = [part.image_url.url for part in message.content if isinstance(part, ImagePart)]
-    if images and message.role != "user":
+def _parts(message: ChatMessage, index: int) -> list[TextPart | ImagePart]:
+    if message.content is None or isinstance(message.content, str):
+        return []
+    if message.role != "user" and any(isinstance(part, ImagePart) for part in message.content):
         raise bad_request(
             f"messages[{index}] ({message.role}) has an image; images go in user messages", param="messages"
         )
-    return "\n".join(texts), images
+    return list(message.content)
 
 
-def conversation(chat: ChatCompletionRequest) -> tuple[list[Message], str]:
-    """Plain-text messages and the conversation's one image URL.
+def conversation(
+    chat: ChatCompletionRequest, *, fewest: int = 1, most: int = 1
+) -> tuple[list[Message], list[str]]:
+    """The messages and the request's image URLs, in order, checked against what the model takes.
 
-    vlmkit adapters place one image per conversation (the VLM adapter puts it before the first
-    user turn), so exactly one image is required; text-only and multi-image requests are refused.
+    With one image (or none) the turns are plain text and the adapter places the image where
+    it was trained to (vlmkit's VLM: before the first user turn), wherever the request put it.
+    With several, the turns keep their content parts, so each image stays where the request
+    put it (interleaved, for adapters whose processor takes several).
     """
+    parts = [_parts(message, index) for index, message in enumerate(chat.messages)]
+    urls = [part.image_url.url for message in parts for part in message if isinstance(part, ImagePart)]
+    if len(urls) < fewest:
+        raise bad_request(
+            f"this model answers about {'exactly one image' if most == 1 else 'an image'} per "
+            f"conversation; the request has none. "
+            'Add a {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}} part to a user message',
+            param="messages",
+            code="image_required",
+        )
+    if len(urls) > most:
+        raise bad_request(
+            f"this model takes at most {most} image{'s' if most > 1 else ''} per conversation; "
+            f"the request has {len(urls)}",
+            param="messages",
+            code="too_many_images",
+        )
     messages: list[Message] = []
-    urls: list[str] = []
-    for index, message in enumerate(chat.messages):
-        text, images = _text_of(message, index)
-        urls.extend(images)
+    for message, content in zip(chat.messages, parts, strict=True):
         role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": text})  # type: ignore[typeddict-item]
+        if isinstance(message.content, str):
+            messages.append({"role": role, "content": message.content})  # type: ignore[typeddict-item]
+        elif len(urls) > 1:
+            slots: list[Any] = [
+                {"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
+                for part in content
+            ]
+            messages.append({"role": role, "content": slots})  # type: ignore[typeddict-item]
+        else:
+            text = "\n".join(part.text for part in content if isinstance(part, TextPart))
+            messages.append({"role": role, "content": text})  # type: ignore[typeddict-item]
     if messages[-1]["role"] != "user":
         raise bad_request("the last message must be the user's question", param="messages")
-    if len(urls) != 1:
-        raise bad_request(
-            f"this model answers about exactly one image per conversation; the request has {len(urls)}. "
-            'Add one {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}} part to a user message',
-            param="messages",
-            code="one_image_required",
-        )
-    return messages, urls[0]
+    return messages, urls

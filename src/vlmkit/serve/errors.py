@@ -33,6 +33,16 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled whole (the model process sends errors back over a pipe)."""
+        return _api_error, (self.status, self.message, self.type, self.param, self.code, self.headers)
+
+
+def _api_error(
+    status: int, message: str, type: str, param: str | None, code: str | None, headers: dict[str, str]
+) -> APIError:
+    return APIError(status, message, type=type, param=param, code=code, headers=headers)
+
 
 def error_body(
     message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None

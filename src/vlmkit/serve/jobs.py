@@ -1,6 +1,6 @@
 """A request in flight: what the model thread needs to answer it and how the answer gets back.
 
-The model thread never touches asyncio objects directly: it schedules delivery onto the event
+The model's thread (or the thread reading the model process's pipe) never touches asyncio objects directly: it schedules delivery onto the event
 loop with `call_soon_threadsafe`, so each request's future (plain responses) or event queue
 (streams) is only ever completed on the loop, in the order the model produced its events.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,6 +65,10 @@ class Job:
     cancelled: bool = False
     #: decoded image bytes this request holds while it waits (bounded by max_queued_image_bytes)
     nbytes: int = 0
+    #: its batch has started (the "ready" event arrived)
+    started: bool = False
+    #: called on the event loop with the job once its outcome (done or error) is delivered
+    on_finish: Callable[[Job], None] | None = None
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -71,6 +76,10 @@ class Job:
 
     def deliver(self, kind: EventKind, payload: Any = None) -> None:
         """On the event loop: a stream gets every event, a plain request only its outcome."""
+        if kind == "ready":
+            self.started = True
+        elif kind in ("done", "error") and self.on_finish is not None:
+            self.on_finish(self)
         if self.stream:
             self.events.put_nowait((kind, payload))
         elif not self.future.done() and not self.cancelled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Any
@@ -41,7 +42,6 @@ def serve(
         ) from None
     from pydantic import ValidationError
 
-    from vlmkit.models.adapters import load_adapter
     from vlmkit.serve.settings import ServeSettings
 
     if config_file is not None:
@@ -61,15 +61,30 @@ def serve(
         # reachable under other names: allow the bound address, or any Host on a wildcard bind
         extra = ["*"] if host in ("0.0.0.0", "::", "") else [host]
         settings = settings.model_copy(update={"allowed_hosts": [*settings.allowed_hosts, *extra]})
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else None
-    adapter = load_adapter(model_dir, device=device)
-    adapter.model.eval()
-    app = create_app(adapter, settings)
+    app = create_app(load_model(model_dir, settings, device=device, log_level=log_level), settings)
+    # Everything loaded so far (torch, transformers, the app) lives as long as the server: keep it
+    # out of the collector's full passes, which otherwise walk it all and stall every request.
+    gc.freeze()
     logger.info("serving %s on http://%s:%d (web page at /)", model_dir, host, port)
     make_server(app, settings, host=host, port=port, log_level=log_level).run()
+
+
+def load_model(model_dir: str, settings: Any, *, device: str | None = None, log_level: str = "info") -> Any:
+    """The engine `serve` runs: the model in a child process (`model_process`), else an adapter
+    that the app runs in one of this process's threads."""
+    if settings.model_process:
+        from vlmkit.serve.engine_process import ProcessEngine
+
+        return ProcessEngine.start(
+            model_dir, device=device, max_context_tokens=settings.max_context_tokens, log_level=log_level
+        )
+    import torch
+
+    from vlmkit.models.adapters import load_adapter
+
+    adapter = load_adapter(model_dir, device=device or ("cuda" if torch.cuda.is_available() else None))
+    adapter.model.eval()
+    return adapter
 
 
 def make_server(app: Any, settings: Any, **config: Any) -> Any:

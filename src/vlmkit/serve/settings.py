@@ -26,6 +26,12 @@ class ServeSettings(BaseModel):
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="how long an idle model waits to fill a batch"
     )
+    short_first_batches: int = Field(
+        2,
+        ge=0,
+        description="batches of shorter requests (fewer max_tokens) that may run ahead of a waiting "
+        "longer one; 0: strictly oldest first",
+    )
     max_queue: int = Field(256, ge=1, description="requests waiting for the model; beyond it: 429")
     request_timeout_s: float = Field(120.0, gt=0, description="queue + generation budget; beyond it: 504")
 
@@ -60,6 +66,9 @@ class ServeSettings(BaseModel):
         64, ge=1, description="frames of an animated image (only the first is used)"
     )
     decode_workers: int = Field(2, ge=1, le=64, description="threads that decode images and count tokens")
+    max_images: int = Field(
+        8, ge=1, le=256, description="images in one request (where the model takes several)"
+    )
     max_queued_image_bytes: int = Field(
         1024 * MiB, ge=MiB, description="decoded image bytes held by waiting requests; beyond it: 429"
     )
@@ -78,6 +87,12 @@ class ServeSettings(BaseModel):
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="origins whose pages may call the API (CORS); none by default"
+    )
+
+    # the model
+    model_process: bool = Field(
+        True,
+        description="run the model in its own process (`serve` only), so HTTP work never holds its GIL",
     )
 
     # sampling options

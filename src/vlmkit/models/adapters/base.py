@@ -81,6 +81,14 @@ class ModelAdapter(ABC):
         """The image's token count where it varies per image; a constant needs no estimate (0)."""
         return 0
 
+    def image_tokens_for(self, sizes: Sequence[tuple[int, int]]) -> int:
+        """`image_tokens_of` from images' (width, height) alone (serving counts before it queues)."""
+        return 0
+
+    def images_per_sample(self) -> tuple[int, int | None]:
+        """Fewest and most images one sample may show (None: no limit); one, unless the adapter says."""
+        return 1, 1
+
     def stop_token_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
         if eos is None:

@@ -211,15 +211,24 @@ class HFGenericAdapter(ModelAdapter):
 
     def image_tokens_of(self, sample: Sample) -> int:
         """The processor's own count for the sample's image sizes (the one vLLM uses), if it has one."""
-        counter = getattr(self.processor, "_get_num_multimodal_tokens", None)
         sizes = [image_size(item) for item in sample.images]
-        if counter is None or not sizes or any(size is None for size in sizes):
+        if any(size is None for size in sizes):
+            return 0
+        return self.image_tokens_for([size for size in sizes if size is not None])
+
+    def image_tokens_for(self, sizes: Sequence[tuple[int, int]]) -> int:
+        counter = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if counter is None or not sizes:
             return 0
         try:
-            data = counter(image_sizes=[(size[1], size[0]) for size in sizes if size is not None])
-        except Exception:  # an estimate for length grouping only
+            data = counter(image_sizes=[(height, width) for width, height in sizes])
+        except Exception:  # an estimate (length grouping, serving's admission), not the encoding
             return 0
         return int(sum(getattr(data, "num_image_tokens", None) or [0]))
+
+    def images_per_sample(self) -> tuple[int, int | None]:
+        """Text-only rows are fine (LLaVA's mix has them); several images where the family takes them."""
+        return 0, (None if self.family.multi_image else 1)
 
     # -- encoding --------------------------------------------------------------------------------
     def render(self, sample: Sample, train: bool) -> tuple[str, list[tuple[int, int]]]:

@@ -33,6 +33,9 @@ class PaliGemmaAdapter(HFGenericAdapter):
     def configure(self) -> None:
         self.image_token_id = self.model.config.image_token_index
 
+    def images_per_sample(self) -> tuple[int, int | None]:
+        return 1, 1  # its prompt is the image tokens, then the prefix and question
+
     def prompt_and_answer(self, sample: Sample, train: bool) -> tuple[str, str | None]:
         messages = sample.messages if train else sample.prompt_messages()
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]

@@ -197,6 +197,9 @@ class VLMAdapter(ModelAdapter):
     def stop_token_ids(self) -> list[int]:
         return self._stops
 
+    def images_per_sample(self) -> tuple[int, int | None]:
+        return 0, 1  # one projected image before the first user turn, or a text-only conversation
+
     # -- encoding -----------------------------------------------------------------------------
     def pixel_values(self, sample: Sample) -> torch.Tensor:
         key = image_key(sample.image) if self._cache_size else None
