@@ -217,3 +217,33 @@ def test_chat_and_serve_answer_as_generate_does(family_dirs, family, tmp_path):
             model="m", messages=[{"role": "user", "content": content}], max_tokens=6
         )
     assert reply.choices[0].message.content == said[0]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_qlora_puts_each_family_in_4bit_and_trains_only_lora(family_dirs, family):
+    """`quantization` (QLoRA) on every family: its linear layers load as bitsandbytes 4-bit,
+    the loss is finite, LoRA gets gradients and nothing else does (bitsandbytes' CPU backend)."""
+    from test_peft import bitsandbytes_cpu_reason
+
+    reason = bitsandbytes_cpu_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    import bitsandbytes as bnb
+
+    from vlmkit.config import QuantizationSpec
+
+    adapter = load_adapter(family_dirs(family), quantization=QuantizationSpec(compute_dtype="float32"))
+    quantized = [
+        name for name, module in adapter.model.named_modules() if isinstance(module, bnb.nn.Linear4bit)
+    ]
+    parts = FAMILIES[family].parts
+    assert any(part_of(name, parts) == "language" for name in quantized), quantized[:3]
+    apply_lora(adapter, LoraSpec(r=2), quantized=True)
+    adapter.model.train()
+    loss = adapter.model(**adapter.encode(samples())).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    trained = {
+        name for name, p in adapter.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    }
+    assert trained and all("lora_" in name for name in trained)
