@@ -247,3 +247,40 @@ def test_qlora_puts_each_family_in_4bit_and_trains_only_lora(family_dirs, family
         name for name, p in adapter.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
     }
     assert trained and all("lora_" in name for name in trained)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_cli_trains_lora_and_evaluates_each_family(family_dirs, family, tmp_path, monkeypatch, capsys):
+    """`vlmkit train` (LoRA on the family's folder, 2 steps) then `vlmkit eval` on the run's model:
+    the commands a user types, with nothing per family in the config but the folder."""
+    import json
+
+    from test_cli import run_cli, write_config
+
+    config = {
+        "name": family,
+        "output_dir": str(tmp_path / "run"),
+        "model": {"pretrained": str(family_dirs(family)), "lora": {"r": 2}},
+        "data": {"train": {"source": "easyvqa", "split": "train", "limit": 8}},
+        "training": {
+            "per_device_train_batch_size": 4,
+            "max_steps": 2,
+            "logging_steps": 1,
+            "learning_rate": 1e-3,
+        },
+    }
+    code, _, err = run_cli(monkeypatch, capsys, "train", str(write_config(tmp_path, config)))
+    assert code == 0, err
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["bad_samples"] == 0
+    assert (run / "model" / "adapter_model.safetensors").exists()
+    evaluated = tmp_path / "ev"
+    code, out, err = run_cli(
+        monkeypatch, capsys, "eval", "--model", str(run / "model"), "--data", "easyvqa:test",
+        "--limit", "4", "--batch-size", "2", "--out", str(evaluated),
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((evaluated / "summary.json").read_text())
+    assert summary["n"] == 4 and len((evaluated / "predictions.jsonl").read_text().splitlines()) == 4
+    assert summary["metric"] == "exact_match" and "exact_match" in out
