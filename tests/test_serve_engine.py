@@ -151,6 +151,14 @@ def test_a_dead_model_process_gives_503_and_health_says_so() -> None:
         engine.close()
 
 
+def test_model_process_with_a_loaded_adapter_is_refused_not_ignored() -> None:
+    from vlmkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model_process"):
+        create_app(EchoAdapter(), ServeSettings(model_process=True))
+    create_app(EchoAdapter(), ServeSettings(model_process=False))  # explicit thread: fine
+
+
 def test_a_folder_the_child_cannot_load_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(VlmkitError) as failed:
         ProcessEngine.start(str(tmp_path / "missing"), log_level="error")

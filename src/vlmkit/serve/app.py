@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from vlmkit.errors import ConfigError
 from vlmkit.models.adapters.base import ModelAdapter
 from vlmkit.serve.admission import Admission
 from vlmkit.serve.batching import Batcher, QueueFullError
@@ -60,6 +61,15 @@ def create_app(model: ModelAdapter | Engine, settings: ServeSettings | None = No
     requests get 503, running ones get `shutdown_grace_s` to finish, the rest end with 503.
     """
     settings = settings or ServeSettings()
+    if (
+        not isinstance(model, Engine)
+        and settings.model_process
+        and "model_process" in settings.model_fields_set
+    ):
+        raise ConfigError(
+            "model_process: true needs the model folder, not a loaded adapter: call serve(model_dir), or pass "
+            "ProcessEngine.start(model_dir) (vlmkit.serve.engine_process) to create_app"
+        )
     engine = model if isinstance(model, Engine) else ThreadEngine(model, settings.max_context_tokens)
     admission = Admission(engine, settings)
     batcher = Batcher(
