@@ -251,6 +251,10 @@ class _Queued:
 
         self.name, self.cancelled = name, False
         self.params = GenerationParams(max_new_tokens=max_tokens)
+        self.events: list[tuple[str, Any]] = []
+
+    def notify_from_worker(self, kind: str, payload: Any = None) -> None:
+        self.events.append((kind, payload))
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -314,3 +318,32 @@ def test_a_server_that_exits_without_closing_its_engine_does_not_hang(tmp_path: 
     child = int(done.stdout.split()[0])
     time.sleep(0.5)
     assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
+
+
+def test_a_batch_that_raises_fails_alone_and_the_model_thread_lives_on() -> None:
+    from vlmkit.serve.batch_queue import BatchQueue, serve_batches
+
+    queue = BatchQueue(max_batch_size=4, wait_s=0.0)
+    ran: list[list[str]] = []
+
+    def run(batch: list[Any]) -> None:
+        names = [job.name for job in batch]
+        ran.append(names)
+        if "boom" in names:
+            raise RuntimeError("a bug outside run_batch's own handling")
+
+    loop = threading.Thread(target=serve_batches, args=(queue, run), daemon=True)
+    loop.start()
+    boom, after = _Queued("boom", 16), _Queued("after", 8)
+    queue.put(boom)
+    deadline = time.monotonic() + 5
+    while not boom.events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queue.put(after)
+    while len(ran) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queue.close()
+    loop.join(5)
+    assert ran == [["boom"], ["after"]] and not loop.is_alive()
+    kind, error = boom.events[0]
+    assert kind == "error" and error.status == 500 and "see the server log" in error.message

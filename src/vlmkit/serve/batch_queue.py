@@ -16,6 +16,7 @@ accumulate and the next batch takes them at once.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -23,8 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from vlmkit.serve.errors import APIError
+
 if TYPE_CHECKING:
     from vlmkit.serve.conversation import GenerationParams
+
+logger = logging.getLogger(__name__)
 
 
 class QueuedJob(Protocol):
@@ -142,8 +147,18 @@ class BatchQueue:
 def serve_batches(
     queue: BatchQueue, run: Callable[[list[Any]], None], stats: BatchStats | None = None
 ) -> None:
-    """The model thread's loop: take a batch, run it, until the queue is closed."""
+    """The model thread's loop: take a batch, run it, until the queue is closed.
+
+    `run` (run_batch) answers its own errors; one that escapes still fails only its batch (500),
+    so the model thread lives on and later requests do not wait for a thread that is gone.
+    """
     while (batch := queue.take()) is not None:
         if stats is not None:
             stats.record(len(batch))
-        run(batch)
+        try:
+            run(batch)
+        except Exception:
+            logger.exception("batch of %d failed", len(batch))
+            error = APIError(500, "internal error; see the server log", type="server_error")
+            for job in batch:
+                job.notify_from_worker("error", error)
