@@ -11,6 +11,7 @@ the model needs between its kernels: a flood of cheap bad requests cut normal th
 from __future__ import annotations
 
 import asyncio
+import importlib
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,27 @@ from vlmkit.serve.errors import APIError
 from vlmkit.serve.jobs import Job
 from vlmkit.serve.prompt_length import PromptCounter, PromptLimits
 from vlmkit.serve.worker import run_batch
+
+DEFAULT_LOADER = "vlmkit.models.adapters:load_adapter"
+
+
+def load_served_adapter(
+    model_dir: str, device: str | None = None, loader: str = DEFAULT_LOADER
+) -> ModelAdapter:
+    """The adapter a server runs, in eval mode, on CUDA when there is one: what both engines load.
+
+    `loader` ("module:function", called with the folder and `device=`) is vlmkit's `load_adapter`
+    unless a custom adapter needs its own.
+    """
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else None
+    module, _, name = loader.partition(":")
+    adapter = getattr(importlib.import_module(module), name)(model_dir, device=device)
+    if getattr(adapter, "model", None) is not None:
+        adapter.model.eval()
+    return adapter
 
 
 def model_unavailable(reason: str) -> APIError:

@@ -1,7 +1,7 @@
 """The model in a child process of its own (what `vlmkit serve` runs), talking over one pipe.
 
-The server's process parses HTTP, refuses bad requests, decodes images and forms batches; the
-child loads the model folder and runs `run_batch` on each batch it is sent, exactly as the thread
+The server's process parses HTTP, refuses bad requests and decodes images; the child loads the
+model folder, batches the jobs it is sent and runs `run_batch` on each batch, exactly as the thread
 engine does, with stand-in jobs whose events travel back over the pipe. Two processes means two
 GILs: under a flood of cheap bad requests the model keeps its own core (see docs/serving.md).
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib
 import itertools
 import logging
 import multiprocessing
@@ -33,13 +32,11 @@ from vlmkit.data.sample import Message, Sample
 from vlmkit.errors import VlmkitError
 from vlmkit.serve.batch_queue import BatchQueue, BatchStats, serve_batches
 from vlmkit.serve.conversation import GenerationParams
-from vlmkit.serve.engine import Engine, model_unavailable
+from vlmkit.serve.engine import DEFAULT_LOADER, Engine, load_served_adapter, model_unavailable
 from vlmkit.serve.jobs import Delta, EventKind, Job
 from vlmkit.serve.prompt_length import PromptLimits
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_LOADER = "vlmkit.models.adapters:load_adapter"
 
 
 class ProcessEngine(Engine):
@@ -71,8 +68,7 @@ class ProcessEngine(Engine):
     ) -> ProcessEngine:
         """Spawn the child and wait until its model is loaded (a load error is one VlmkitError line).
 
-        `loader` ("module:function", called with the folder and `device=`) builds the adapter in
-        the child: vlmkit's `load_adapter` unless a custom adapter needs its own.
+        `loader` builds the adapter in the child (see `load_served_adapter`).
         """
         context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA/threads
         parent, child = context.Pipe()
@@ -257,17 +253,10 @@ def engine_main(
     level = getattr(logging, log_level.upper(), logging.INFO)  # uvicorn's "trace" is not a logging level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s [model]: %(message)s")
     try:
-        import torch
-
         from vlmkit.serve.prompt_length import PromptCounter
         from vlmkit.serve.worker import run_batch
 
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else None
-        module, _, name = loader.partition(":")
-        adapter = getattr(importlib.import_module(module), name)(model_dir, device=device)
-        if getattr(adapter, "model", None) is not None:
-            adapter.model.eval()
+        adapter = load_served_adapter(model_dir, device, loader)
         counter = PromptCounter(adapter, max_context_tokens)
     except VlmkitError as exc:
         conn.send(("failed", str(exc)))

@@ -1,8 +1,9 @@
 """A request in flight: what the model thread needs to answer it and how the answer gets back.
 
-The model's thread (or the thread reading the model process's pipe) never touches asyncio objects directly: it schedules delivery onto the event
-loop with `call_soon_threadsafe`, so each request's future (plain responses) or event queue
-(streams) is only ever completed on the loop, in the order the model produced its events.
+The model thread never touches asyncio objects directly: it schedules delivery onto the event
+loop with `call_soon_threadsafe` (the process engine delivers from the loop itself, where it
+reads the pipe), so each request's future (plain responses) or event queue (streams) is only
+ever completed on the loop, in the order the model produced its events.
 """
 
 from __future__ import annotations

@@ -78,13 +78,9 @@ def load_model(model_dir: str, settings: Any, *, device: str | None = None, log_
         return ProcessEngine.start(
             model_dir, device=device, max_context_tokens=settings.max_context_tokens, log_level=log_level
         )
-    import torch
+    from vlmkit.serve.engine import load_served_adapter
 
-    from vlmkit.models.adapters import load_adapter
-
-    adapter = load_adapter(model_dir, device=device or ("cuda" if torch.cuda.is_available() else None))
-    adapter.model.eval()
-    return adapter
+    return load_served_adapter(model_dir, device)
 
 
 def make_server(app: Any, settings: Any, **config: Any) -> Any:
