@@ -3,10 +3,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vlmkit-installed
 LATEST ?= .venv-latest
+TORCHVISION_VENV ?= .venv-torchvision
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-all test-latest demo lint format bench lock schema versions
+.PHONY: install test test-all test-latest test-torchvision demo lint format bench lock schema versions
 
 $(STAMP): pyproject.toml scripts/install.sh requirements/lock-cpu.txt
 	bash scripts/install.sh $(VENV) $(PYTHON)
@@ -35,6 +36,15 @@ test-latest:  ## the suite against the newest releases, unpinned, in $(LATEST) (
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements/cpu.in -e ".[all,dev]"
 	@$(LATEST)/bin/python scripts/versions.py
 	$(LATEST)/bin/python -m pytest
+
+test-torchvision:  ## the tests that need torchvision (mistral3, LLaVA with a Pixtral tower; CI skips them), in $(TORCHVISION_VENV)
+	[ -x $(TORCHVISION_VENV)/bin/python ] || $(PYTHON) -m venv $(TORCHVISION_VENV)
+	# PyPI's torchvision does not import beside the CPU torch 2.13 build: torch 2.14.1 + torchvision
+	# 0.29.1 (a CUDA build, ~5.5 GB, runs on the CPU), everything else at the lock's versions
+	$(TORCHVISION_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	grep -v -E '^torch==' requirements/lock-cpu.txt >$(TORCHVISION_VENV)/constraints.txt
+	$(TORCHVISION_VENV)/bin/python -m pip install -q -c $(TORCHVISION_VENV)/constraints.txt -e ".[all,dev]"
+	$(TORCHVISION_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_families.py -k "mistral3 or pixtral"
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks

@@ -113,8 +113,6 @@ def test_freeze_of_each_part_is_proved_by_trainable_counts(family_dirs, family):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_merged_export_generates_vlmkit_tokens_with_plain_transformers(family_dirs, family, tmp_path):
-    import transformers
-
     from vlmkit.train.export import export_merged
 
     adapter = load_adapter(family_dirs(family))
@@ -128,17 +126,8 @@ def test_merged_export_generates_vlmkit_tokens_with_plain_transformers(family_di
     names = {p.name for p in merged.iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json"} <= names
     assert "chat_template.jinja" in names or family == "paligemma"  # PaliGemma has no chat template
-    vlmkit_adapter = load_adapter(merged)
-    answers = vlmkit_adapter.generate(samples(), max_new_tokens=4)
-    batch = vlmkit_adapter.encode(samples(), train=False)
-    plain = getattr(transformers, FAMILIES[family].model_class).from_pretrained(merged).eval()
-    out = plain.generate(
-        **batch, max_new_tokens=4, do_sample=False, eos_token_id=vlmkit_adapter.stop_token_ids()
-    )
-    texts = vlmkit_adapter.tokenizer.batch_decode(
-        out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-    )
-    assert [t.strip() for t in texts] == answers
+    answers, plain = generate_plain(merged, family)
+    assert plain == answers
 
 
 MULTI_IMAGE = ["qwen2_vl", "llava", "llava_onevision", "idefics3", "gemma3", "internvl"]
@@ -249,18 +238,87 @@ def test_qlora_puts_each_family_in_4bit_and_trains_only_lora(family_dirs, family
     assert trained and all("lora_" in name for name in trained)
 
 
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="needs torchvision (PixtralProcessor imports it)")
+def test_llava_folder_with_pixtral_tower_is_fed_pixtrals_own_image_layout(family_dirs):
+    """The input vlmkit trains on is the one PixtralProcessor (so transformers and vLLM) builds:
+    rows of [IMG] each closed by [IMG_BREAK], the last by [IMG_END] -- not LLaVA's plain [IMG] run."""
+    adapter = load_adapter(family_dirs("llava_pixtral"))
+    assert type(adapter.processor).__name__ == "PixtralProcessor"
+    sample = samples()[0]
+    batch = adapter.encode([sample])
+    ids = batch["input_ids"][0].tolist()
+    token = adapter.tokenizer.convert_tokens_to_ids
+    img, brk, end = token("[IMG]"), token("[IMG_BREAK]"), token("[IMG_END]")
+    rows, cols = (side // 8 for side in adapter.processor.image_processor.preprocess(
+        sample.images[0], return_tensors="pt"
+    )["image_sizes"][0].tolist())  # fmt: skip
+    layout = ([img] * cols + [brk]) * rows
+    layout[-1] = end
+    first = ids.index(img)
+    assert ids[first : first + len(layout)] == layout and ids.count(img) == rows * cols
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}]
+    prompt = adapter.processor.apply_chat_template(messages, tokenize=False)
+    own = adapter.processor(text=prompt, images=list(sample.images), return_tensors="pt")["input_ids"][0]
+    assert ids[: len(own)] == own.tolist()  # the prompt vlmkit trains on is the processor's own
+    labels = batch["labels"][0].tolist()
+    assert all(label == IGNORE_INDEX for i, label in zip(ids, labels) if i in (img, brk, end))
+    assert torch.isfinite(adapter.model(**batch).loss)
+
+
+@pytest.mark.skipif(HAS_TORCHVISION, reason="checks the refusal where torchvision is missing")
+def test_llava_folder_with_pixtral_tower_without_torchvision_is_refused_in_one_line(family_dirs):
+    """Without torchvision its PixtralProcessor cannot be built: one line, never LlavaProcessor's
+    plain [IMG] run in its place (a different input than transformers feeds the same model)."""
+    with pytest.raises(ModelLoadError) as info:
+        load_adapter(family_dirs("llava_pixtral"))
+    message = str(info.value)
+    assert "PixtralProcessor" in message and "torchvision" in message and "\n" not in message
+
+
+def generate_plain(merged, family: str) -> tuple[list[str], list[str]]:
+    """vlmkit's greedy answers from `merged`, and plain transformers' (the family's class, no vlmkit)."""
+    import transformers
+
+    vlmkit_adapter = load_adapter(merged)
+    answers = vlmkit_adapter.generate(samples(), max_new_tokens=4)
+    batch = vlmkit_adapter.encode(samples(), train=False)
+    plain = getattr(transformers, FAMILIES[family].model_class).from_pretrained(merged).eval()
+    out = plain.generate(
+        **batch, max_new_tokens=4, do_sample=False, eos_token_id=vlmkit_adapter.stop_token_ids()
+    )
+    texts = vlmkit_adapter.tokenizer.batch_decode(
+        out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    return answers, [t.strip() for t in texts]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_cli_trains_lora_and_evaluates_each_family(family_dirs, family, tmp_path, monkeypatch, capsys):
-    """`vlmkit train` (LoRA on the family's folder, 2 steps) then `vlmkit eval` on the run's model:
-    the commands a user types, with nothing per family in the config but the folder."""
+def test_cli_trains_evaluates_and_exports_each_family(
+    family_dirs, family, method, tmp_path, monkeypatch, capsys
+):
+    """`vlmkit train` (LoRA or QLoRA on the family's folder, 2 steps), `vlmkit eval` on the run's
+    model, then `vlmkit export --merge`, whose folder plain transformers loads and generates
+    vlmkit's tokens from: the commands a user types, nothing per family in the config but the folder."""
     import json
 
+    import yaml
     from test_cli import run_cli, write_config
 
+    model: dict = {"pretrained": str(family_dirs(family)), "lora": {"r": 2}}
+    if method == "qlora":
+        from test_peft import bitsandbytes_cpu_reason
+
+        if (reason := bitsandbytes_cpu_reason()) is not None:
+            pytest.skip(reason)
+        model["quantization"] = {"compute_dtype": "float32"}
     config = {
         "name": family,
         "output_dir": str(tmp_path / "run"),
-        "model": {"pretrained": str(family_dirs(family)), "lora": {"r": 2}},
+        "model": model,
         "data": {"train": {"source": "easyvqa", "split": "train", "limit": 8}},
         "training": {
             "per_device_train_batch_size": 4,
@@ -275,6 +333,16 @@ def test_cli_trains_lora_and_evaluates_each_family(family_dirs, family, tmp_path
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and metrics["bad_samples"] == 0
     assert (run / "model" / "adapter_model.safetensors").exists()
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (resolved["model"]["quantization"] is not None) == (method == "qlora")
+    trainable = json.loads((run / "trainable.json").read_text())
+    assert trainable["trainable"] and all("lora_" in name for name in trainable["trainable"])
+    full = sum(p.numel() for p in load_adapter(family_dirs(family)).model.parameters())
+    lora = trainable["trainable_parameters"]
+    # 4-bit weights pack two values a byte, so a QLoRA model counts fewer elements than its base
+    assert (trainable["total_parameters"] < full) == (method == "qlora"), (trainable, full)
+    if method == "lora":
+        assert trainable["total_parameters"] == full + lora
     evaluated = tmp_path / "ev"
     code, out, err = run_cli(
         monkeypatch, capsys, "eval", "--model", str(run / "model"), "--data", "easyvqa:test",
@@ -284,3 +352,11 @@ def test_cli_trains_lora_and_evaluates_each_family(family_dirs, family, tmp_path
     summary = json.loads((evaluated / "summary.json").read_text())
     assert summary["n"] == 4 and len((evaluated / "predictions.jsonl").read_text().splitlines()) == 4
     assert summary["metric"] == "exact_match" and "exact_match" in out
+    code, _, err = run_cli(monkeypatch, capsys, "export", str(run), str(tmp_path / "merged"))
+    assert code == 0, err
+    merged = tmp_path / "merged"
+    assert not (merged / "adapter_config.json").exists()
+    config_json = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in config_json  # merged into the unquantised base
+    answers, plain = generate_plain(merged, family)
+    assert plain == answers

@@ -294,6 +294,64 @@ def build_mistral3(out: Path) -> Path:
     return save(out, Mistral3ForConditionalGeneration(config), processor, "mistral3")
 
 
+PIXTRAL_TOKENS = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
+
+
+def build_llava_pixtral(out: Path) -> Path:
+    """A LLaVA folder with a Pixtral tower (Pixtral-12B's layout): its processor_config names
+    PixtralProcessor, which puts [IMG_BREAK] after each row of [IMG] and [IMG_END] last.
+
+    Where torchvision imports, the folder is what PixtralProcessor.save_pretrained writes; where it
+    does not (PixtralProcessor's module needs it), the same two processor files are written by hand.
+    """
+    import importlib.util
+    import json
+
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    tokenizer = llama_tokenizer([*PIXTRAL_TOKENS.values(), "[INST]", "[/INST]"], MISTRAL_TEMPLATE)
+    config = LlavaConfig(
+        text_config=text_ids(tokenizer, "mistral"),
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "head_dim": 16,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    model = LlavaForConditionalGeneration(config)
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import PixtralImageProcessorPil, PixtralProcessor
+
+        image_processor = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=8)
+        processor = PixtralProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=8,
+            spatial_merge_size=1,
+            chat_template=MISTRAL_TEMPLATE,
+            **PIXTRAL_TOKENS,
+        )
+        return save(out, model, processor, "llava")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(MISTRAL_TEMPLATE)
+    image_settings = {"image_processor_type": "PixtralImageProcessor", "patch_size": 8}
+    image_settings["size"] = {"longest_edge": 32}
+    (out / "preprocessor_config.json").write_text(json.dumps(image_settings))
+    settings = {"processor_class": "PixtralProcessor", "patch_size": 8, "spatial_merge_size": 1}
+    (out / "processor_config.json").write_text(json.dumps({**settings, **PIXTRAL_TOKENS}))
+    return out
+
+
 BUILDERS = {
     "llava_next": build_llava_next,
     "llava_onevision": build_llava_onevision,
@@ -301,6 +359,7 @@ BUILDERS = {
     "idefics3": build_idefics3,
     "smolvlm": lambda out: build_idefics3(out, smolvlm=True),
     "mistral3": build_mistral3,
+    "llava_pixtral": build_llava_pixtral,
 }
 
 

@@ -398,42 +398,53 @@ def _accepts_missing(cls: type) -> type:
 
 def load_processor(path: str | Path, family: Family) -> Any:
     """The family's processor: `AutoProcessor`, or, where that cannot load (no processor_config,
-    or one that wants a video processor where torchvision cannot be imported), the family's
-    processor class built from the folder's tokenizer and image processor."""
+    or one that wants a video processor where torchvision cannot be imported), the processor class
+    the folder names (the family's otherwise) built from the folder's tokenizer and image processor.
+
+    The folder's own class is kept because it lays out the image tokens: a LLaVA folder with a
+    Pixtral tower names PixtralProcessor, whose [IMG_BREAK]/[IMG_END] rows LlavaProcessor lacks.
+    """
     try:
         processor = AutoProcessor.from_pretrained(path)
         if hasattr(processor, "tokenizer") and hasattr(processor, "image_processor"):
             return processor
     except (ImportError, OSError, ValueError, TypeError, AttributeError) as exc:
         logger.debug("AutoProcessor could not load %s (%s); building %s", path, exc, family.processor_class)
+    settings: dict[str, Any] = {}
+    config_file = Path(path) / "processor_config.json"
+    if config_file.is_file():
+        settings = json.loads(config_file.read_text())
+    name = settings.get("processor_class") or family.processor_class or ""
+
+    def cannot_build(exc: ImportError) -> ModelLoadError:
+        reason = str(exc).strip().splitlines()[0].split(". ")[0].rstrip(".")
+        return ModelLoadError(
+            f"{path}: its processor ({name}) cannot be built here ({reason}); "
+            "install what it names (torchvision must match the installed torch build)"
+        )
+
     try:
+        cls = getattr(transformers, name, None)
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = AutoImageProcessor.from_pretrained(path)
+    except ImportError as exc:
+        raise cannot_build(exc) from None
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"{path} has no tokenizer or image processor ({str(exc).splitlines()[0]}); save the family's "
             "processor there (processor.save_pretrained)"
         ) from None
-    cls = getattr(transformers, family.processor_class or "", None)
     if cls is None:
-        raise ModelLoadError(f"the {family.name} record names no processor class transformers has")
-    settings = {}
-    config_file = Path(path) / "processor_config.json"
-    if config_file.is_file():
-        settings = json.loads(config_file.read_text())
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    kwargs = {key: value for key, value in settings.items() if key in accepted}
-    attributes = {name: None for name in cls.get_attributes()}
-    attributes.update(tokenizer=tokenizer, image_processor=image_processor)
+        raise ModelLoadError(f"{path}: its processor class {name!r} is not one transformers has")
     template = getattr(tokenizer, "chat_template", None)
-    try:
+    try:  # a class whose backend is missing is a placeholder that raises ImportError when touched
+        accepted = set(inspect.signature(cls.__init__).parameters)
+        kwargs = {key: value for key, value in settings.items() if key in accepted}
+        attributes = {attribute: None for attribute in cls.get_attributes()}
+        attributes.update(tokenizer=tokenizer, image_processor=image_processor)
         return _accepts_missing(cls)(**attributes, chat_template=template, **kwargs)
     except ImportError as exc:
-        reason = str(exc).strip().splitlines()[0]
-        raise ModelLoadError(
-            f"{path}: the {family.name} processor ({family.processor_class}) cannot be built here ({reason}); "
-            "install what it names (torchvision must match the installed torch build)"
-        ) from None
+        raise cannot_build(exc) from None
 
 
 def save_processor(out: Path, processor: Any, family: Family) -> None:
