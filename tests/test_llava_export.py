@@ -67,7 +67,8 @@ def tower(model_type: str) -> dict:
 
 def build(model_type: str, **spec: object):
     torch.manual_seed(0)
-    adapter = build_vlm(tiny_spec(vision={"config": tower(model_type)}, **spec), TEXTS)
+    vision = {"config": {**tower(model_type), **(spec.pop("tower", None) or {})}}  # type: ignore[dict-item]
+    adapter = build_vlm(tiny_spec(vision=vision, **spec), TEXTS)
     with torch.no_grad():  # a random LM whose greedy tokens vary, so a wrong feature shows
         for parameter in adapter.model.projector.parameters():
             parameter.mul_(20.0)
@@ -123,9 +124,17 @@ def assert_same(folder: Path, reference, tmp_path: Path) -> dict:
             {"projector": "mlp", "feature_select": "patch", "image_placement": "after_text"},
         ),
         ("dinov2", {"projector": "linear", "feature_select": "patch", "feature_layer": -2}),
+        ("dinov2", {"projector": "mlp", "feature_select": "patch"}),
         ("vit", {"projector": "mlp", "feature_select": "cls_patch"}),
     ],
-    ids=["clip-cls_patch", "clip-patch-layer-2", "siglip-after_text", "dinov2-linear", "vit-last-layer-norm"],
+    ids=[
+        "clip-cls_patch",
+        "clip-patch-layer-2",
+        "siglip-after_text",
+        "dinov2-linear",
+        "dinov2-last-layer-as-vit",
+        "vit-last-layer-norm",
+    ],
 )
 def test_export_is_a_llava_folder_plain_transformers_decodes_alike(tmp_path, model_type, spec):
     adapter = build(model_type, **spec)
@@ -133,7 +142,8 @@ def test_export_is_a_llava_folder_plain_transformers_decodes_alike(tmp_path, mod
     out = export_merged(tmp_path / "run", tmp_path / "export")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llava"
-    assert config["vision_config"]["model_type"] == model_type
+    as_vit = model_type == "dinov2" and adapter.model.config.vision_feature_layer == -1
+    assert config["vision_config"]["model_type"] == ("vit" if as_vit else model_type)
     assert config["text_config"]["model_type"] == TINY_LM["model_type"]
     assert config["image_seq_length"] == adapter.model.config.num_image_tokens
     assert (out / "processor_config.json").is_file() and (out / "chat_template.jinja").is_file()
@@ -177,7 +187,7 @@ def test_models_without_a_llava_form_stay_vlmkit_folders_that_say_why(tiny_vlm_d
         ),
         ("clip_vision_model", {"projector": "mlp", "projector_hidden_size": 48}, "48 wide inside"),
         ("clip_vision_model", {"projector": "mlp", "feature_select": "cls"}, "CLS token alone"),
-        ("dinov2", {"projector": "mlp"}, "final layer norm"),
+        ("dinov2", {"projector": "mlp", "tower": {"use_swiglu_ffn": True}}, "SwiGLU"),
     ],
 )
 def test_each_unmappable_choice_is_named(tmp_path, model_type, spec, reason):
@@ -196,3 +206,29 @@ def test_format_vlmkit_keeps_vlmkit_folder(tmp_path):
     out = export_merged(tmp_path / "model", tmp_path / "export", format="vlmkit")
     assert model_type_of(out) == "vlmkit_vlm"
     assert "--format vlmkit" in (out / "README.md").read_text()
+
+
+def test_dinov2_as_vit_gives_dinov2s_normed_output_as_the_last_hidden_state():
+    """The ViT that `dinov2_as_vit` writes is DINOv2 itself: layer scales folded into the linear
+    layers, position embeddings interpolated at the model's image size (here not the tower's own)."""
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    from vlmkit.models.dinov2_as_vit import vit_config, vit_state_dict
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=64, patch_size=8
+    )
+    dinov2 = Dinov2Model(config).eval()
+    with torch.no_grad():  # layer scales far from 1, so an unfolded scale shows
+        for name, parameter in dinov2.named_parameters():
+            if "lambda1" in name:
+                parameter.uniform_(0.2, 3.0)
+    vit = ViTModel(ViTConfig(**{k: v for k, v in vit_config(dinov2, 32).items() if k != "model_type"}))
+    vit.load_state_dict(vit_state_dict(dinov2, 32), strict=True)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = dinov2(pixel_values=pixels).last_hidden_state
+        got = vit.eval()(pixel_values=pixels, output_hidden_states=True)
+    assert torch.allclose(got.hidden_states[-1], expected, atol=1e-5)
+    assert torch.allclose(got.last_hidden_state, expected, atol=1e-5)

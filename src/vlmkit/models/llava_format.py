@@ -7,7 +7,8 @@ hidden layer `vision_feature_layer`, drops the CLS token or not (`vision_feature
 a `linear` projector is too, as `linear_1` with an identity activation and an identity `linear_2`.
 The last hidden state of DINOv2 / ViT / SigLIP passes the tower's final layer norm, which LLaVA's
 `hidden_states[-1]` does not; the vision config's `tie_last_hidden_states: true` makes
-transformers hand LLaVA that normed state. Everything else (feature-map towers such as ResNet,
+transformers hand LLaVA that normed state. DINOv2's encoder cannot tie it, so a DINOv2 tower
+whose last layer feeds the projector is written as the equivalent ViT (`dinov2_as_vit`). Everything else (feature-map towers such as ResNet,
 the resampler, CLS-only features) has no LLaVA form: `llava_incompatibility` says why.
 """
 
@@ -23,6 +24,7 @@ from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGener
 from transformers.initialization import no_init_weights
 
 from vlmkit.errors import ConfigError
+from vlmkit.models.dinov2_as_vit import dinov2_vit_problem, vit_config, vit_state_dict
 from vlmkit.models.tokenizer import IMAGE_TOKEN
 from vlmkit.models.vision import BACKBONES
 from vlmkit.models.vlm import VisionLanguageModel
@@ -46,11 +48,8 @@ def llava_incompatibility(model: VisionLanguageModel) -> str | None:
             f"its {vision_type} vision tower gives feature maps, which LLaVA's vision tower "
             f"(a ViT: {', '.join(LLAVA_TOWERS)}) cannot take"
         )
-    if vision_type == "dinov2" and config.vision_feature_layer == -1:
-        return (
-            "DINOv2's last-layer features pass its final layer norm, which LLaVA's hidden_states[-1] "
-            "skips (feature_layer -2 and below map)"
-        )
+    if _as_vit(model) and (problem := dinov2_vit_problem(model.vision_tower)) is not None:
+        return f"its DINOv2 tower's last layer maps to LLaVA only as a ViT, and {problem}"
     if config.projector not in ("mlp", "linear"):
         return f"its {config.projector} projector has no transformers equivalent (LLaVA's is a 2-layer MLP)"
     text_hidden = int(config.text_config.hidden_size)
@@ -74,11 +73,19 @@ def _has_cls(model: VisionLanguageModel) -> bool:
     return BACKBONES[model.config.vision_config.model_type].has_cls
 
 
+def _as_vit(model: VisionLanguageModel) -> bool:
+    """DINOv2 at its last layer is written as a ViT (`models/dinov2_as_vit.py` says why)."""
+    config = model.config
+    return config.vision_config.model_type == "dinov2" and config.vision_feature_layer == -1
+
+
 def llava_config(model: VisionLanguageModel, tokenizer: Any) -> LlavaConfig:
     """The LlavaConfig of a compatible VLM (same towers, same feature layer and selection)."""
     config = model.config
     vision = config.vision_config.to_dict()
-    if config.vision_feature_layer == -1:
+    if _as_vit(model):
+        vision = vit_config(model.vision_tower, int(config.image_size))
+    elif config.vision_feature_layer == -1:
         # vlmkit takes the tower's last_hidden_state (after the final layer norm, for DINOv2 / ViT /
         # SigLIP); this makes transformers return it as hidden_states[-1] (CLIP: the same tensor).
         vision["tie_last_hidden_states"] = True
@@ -106,9 +113,14 @@ def llava_state_dict(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
         for name, module in model.language_model.named_modules()
         if module is model.get_output_embeddings()
     )
+    as_vit = _as_vit(model)
+    if as_vit:
+        vit = vit_state_dict(model.vision_tower, int(model.config.image_size))
+        state.update({"model.vision_tower." + key: value for key, value in vit.items()})
     for key, value in model.state_dict().items():
         if key.startswith("vision_tower."):
-            state["model." + key] = value
+            if not as_vit:
+                state["model." + key] = value
         elif key.startswith("language_model.model."):
             state["model.language_model." + key.removeprefix("language_model.model.")] = value
         elif key.startswith(f"language_model.{head_name}."):
@@ -232,6 +244,8 @@ def save_llava(model: VisionLanguageModel, tokenizer: Any, image_processor: Any,
     llava.save_pretrained(out)
     processor.save_pretrained(out)
     tower = model.config.vision_config.model_type
+    if _as_vit(model):
+        tower = "dinov2 (written as the equivalent vit)"
     (out / README).write_text(llava_readme(tower, model.config.projector))
     logger.info(
         "wrote a LLaVA-format folder (%s tower, %s projector) to %s", tower, model.config.projector, out

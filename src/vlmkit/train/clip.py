@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-from collections import OrderedDict
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArgume
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from vlmkit.data.image_cache import ImageCache
 from vlmkit.data.images import load_image
 from vlmkit.data.sample import Sample
 from vlmkit.data.sources import load_samples
@@ -108,8 +108,7 @@ class ClipCollator:
         self.caption_choice = caption_choice
         self.on_bad_sample = on_bad_sample
         self.bad_samples = bad_samples
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._pixels: ImageCache[torch.Tensor] = ImageCache(cache_size)
 
     def caption(self, sample: Sample) -> str:
         if self.caption_choice == "random" and len(sample.answers) > 1:
@@ -125,18 +124,14 @@ class ClipCollator:
         if self.bad_samples is not None:
             self.bad_samples.record(error)
 
-    def _key(self, sample: Sample) -> str | None:
-        return str(sample.image) if self.cache_size and isinstance(sample.image, (str, Path)) else None
-
     def pixels(self, samples: list[Sample]) -> list[torch.Tensor | None]:
-        """Per sample its (3, H, W) pixels, or None when its image is bad; cached by path."""
+        """Per sample its (3, H, W) pixels, or None when its image is bad; cached by path or key."""
         out: list[torch.Tensor | None] = [None] * len(samples)
         todo, images = [], []
         for index, sample in enumerate(samples):
-            key = self._key(sample)
-            if key is not None and key in self._cache:
-                self._cache.move_to_end(key)
-                out[index] = self._cache[key]
+            cached = self._pixels.get(self._pixels.key(sample.image))
+            if cached is not None:
+                out[index] = cached
                 continue
             try:
                 if sample.image is None:
@@ -145,15 +140,11 @@ class ClipCollator:
                 todo.append(index)
             except DataError as exc:
                 self._bad(SampleError(sample.id, str(exc)))
-        if images:
+        if images:  # one image-processor call for the batch's new images
             processed = self.bundle.image_processor(images=images, return_tensors="pt")["pixel_values"]
             for index, tensor in zip(todo, processed, strict=True):
                 out[index] = tensor
-                key = self._key(samples[index])
-                if key is not None:
-                    self._cache[key] = tensor
-                    if len(self._cache) > self.cache_size:
-                        self._cache.popitem(last=False)
+                self._pixels.put(self._pixels.key(samples[index].image), tensor)
         return out
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,6 @@ import difflib
 import inspect
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
 
-from vlmkit.data.images import image_key, image_size, load_image
+from vlmkit.data.image_cache import ImageCache
+from vlmkit.data.images import image_size, load_image
 from vlmkit.data.sample import Message, Sample, image_slots
 from vlmkit.errors import ConfigError, ModelLoadError, SampleError
 from vlmkit.models.adapters.base import Batch, ModelAdapter
@@ -101,8 +101,7 @@ class HFGenericAdapter(ModelAdapter):
         self.image_processor = getattr(processor, "image_processor", None)
         self.max_length = max_length
         self.settings = {**family.options, **options}
-        self._images: OrderedDict[str, Any] = OrderedDict()
-        self._cache_size = image_cache_size
+        self._images: ImageCache[Any] = ImageCache(image_cache_size)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if getattr(processor, "chat_template", None) is None and self.tokenizer.chat_template:
@@ -191,20 +190,10 @@ class HFGenericAdapter(ModelAdapter):
         """The sample's decoded images (kept by path in an LRU when image_cache_size > 0)."""
         images = []
         for item in sample.images:
-            key = image_key(item) if self._cache_size else None
-            if key is not None and key in self._images:
-                self._images.move_to_end(key)
-                images.append(self._images[key])
-                continue
             try:
-                image = load_image(item)
+                images.append(self._images.get_or_make(item, lambda item=item: load_image(item)))
             except Exception as exc:
                 raise SampleError(sample.id, str(exc)) from None
-            if key is not None:
-                self._images[key] = image
-                if len(self._images) > self._cache_size:
-                    self._images.popitem(last=False)
-            images.append(image)
         if len(images) > 1 and not self.family.multi_image:
             raise SampleError(sample.id, f"has {len(images)} images; the {self.family.name} family takes one")
         return images

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, BaseImageProcessor, PreTrainedTokenizerBase
 
 from vlmkit.data.conversations import INDEPENDENT_TURNS
+from vlmkit.data.image_cache import ImageCache
 from vlmkit.data.images import image_key, load_image
 from vlmkit.data.sample import Message, Sample
 from vlmkit.errors import ConfigError, ModelLoadError, SampleError
@@ -140,8 +140,7 @@ class VLMAdapter(ModelAdapter):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.max_length = max_length
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._cache_size = image_cache_size
+        self._pixels: ImageCache[torch.Tensor] = ImageCache(image_cache_size)
         self._tokens: dict[tuple[Any, ...], tuple[list[int], list[int] | None]] | None = (
             {} if token_cache else None
         )
@@ -202,20 +201,14 @@ class VLMAdapter(ModelAdapter):
 
     # -- encoding -----------------------------------------------------------------------------
     def pixel_values(self, sample: Sample) -> torch.Tensor:
-        key = image_key(sample.image) if self._cache_size else None
-        if key is not None and key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        try:
-            image = load_image(sample.image)
-        except Exception as exc:
-            raise SampleError(sample.id, str(exc)) from None
-        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        if key is not None:
-            self._cache[key] = pixels
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return pixels
+        def make() -> torch.Tensor:
+            try:
+                image = load_image(sample.image)
+            except Exception as exc:
+                raise SampleError(sample.id, str(exc)) from None
+            return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+        return self._pixels.get_or_make(sample.image, make)
 
     def _messages(self, sample: Sample, train: bool) -> list[Message]:
         messages = [dict(m) for m in (sample.messages if train else sample.prompt_messages())]
