@@ -264,7 +264,7 @@ def test_llava_folder_with_pixtral_tower_is_fed_pixtrals_own_image_layout(family
     own = adapter.processor(text=prompt, images=list(sample.images), return_tensors="pt")["input_ids"][0]
     assert ids[: len(own)] == own.tolist()  # the prompt vlmkit trains on is the processor's own
     labels = batch["labels"][0].tolist()
-    assert all(label == IGNORE_INDEX for i, label in zip(ids, labels) if i in (img, brk, end))
+    assert all(label == IGNORE_INDEX for i, label in zip(ids, labels, strict=True) if i in (img, brk, end))
     assert torch.isfinite(adapter.model(**batch).loss)
 
 
@@ -306,6 +306,7 @@ def test_cli_trains_evaluates_and_exports_each_family(
     import json
 
     import yaml
+
     from test_cli import run_cli, write_config
 
     model: dict = {"pretrained": str(family_dirs(family)), "lora": {"r": 2}}
