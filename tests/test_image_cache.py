@@ -101,3 +101,17 @@ def test_clip_collator_decodes_each_file_once_when_cached(image_files, monkeypat
     second = collator(samples)
     assert torch.equal(first["pixel_values"], second["pixel_values"])
     assert len(calls) == (2 if size else 4)
+
+
+def test_rows_showing_one_image_are_processed_once_per_batch(tiny_vlm_dir, image_files, monkeypatch):
+    """GRPO's groups repeat each prompt: one image-processor pass per picture in a batch, even with
+    no cache, and every row still gets it (shared through `image_index`)."""
+    from vlmkit.models.adapters import load_adapter
+    from vlmkit.models.adapters import vlm as module
+
+    adapter = load_adapter(tiny_vlm_dir)
+    calls = count_loads(monkeypatch, module)
+    samples = vqa(image_files * 4)
+    batch = adapter.encode(samples)
+    assert len(calls) == 2 and batch["pixel_values"].shape[0] == 2
+    assert batch["image_index"].tolist() == [0, 1] * 4

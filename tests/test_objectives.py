@@ -351,3 +351,59 @@ def test_a_group_with_equal_rewards_contributes_no_policy_gradient(vlm_adapter, 
     per_token, mask = token_logps(adapter.model, batch)
     grpo_loss(per_token, per_token.detach(), advantages, mask, options)[0].backward()
     assert any(torch.count_nonzero(g) for g in grads(adapter.model).values())
+
+
+def grpo_layer(adapter, options, answers: list[str]):
+    """GRPO's loss layer without a Trainer around it, answering with `answers` instead of sampling."""
+    from vlmkit.train.objectives.grpo import GRPOLoss
+
+    layer = object.__new__(GRPOLoss)
+    layer.adapter, layer.grpo, layer.reference, layer.reference_model = adapter, options, "none", None
+    layer._objective_metrics = defaultdict(list)
+    layer.sample_answers = lambda model, samples: list(answers)
+    return layer
+
+
+def test_skipping_zero_spread_groups_keeps_the_loss_of_the_groups_that_differ(vlm_adapter, easyvqa_samples):
+    """DAPO's filter: a group whose answers all score alike is dropped before the forward pass; the
+    loss and gradient are those of the remaining groups alone, and a round with none is a zero step."""
+    from vlmkit.train.objectives.grpo import grpo_loss
+    from vlmkit.train.objectives.options import GRPOOptions
+    from vlmkit.train.objectives.rewards import group_advantages
+
+    adapter = copy.deepcopy(vlm_adapter)
+    model = adapter.model
+    model.train()
+    first, second = easyvqa_samples[1], easyvqa_samples[2]
+    spread = [first.answers[0], "zz", "zz", "zz"]  # one right answer of four
+    alike = ["zz"] * 4  # all wrong: no spread
+    options = GRPOOptions(num_generations=4, max_new_tokens=3, skip_zero_spread_groups=True)
+    encoded_rows: list[int] = []
+    encode = adapter.encode
+    adapter.encode = lambda samples, train=True: encoded_rows.append(len(samples)) or encode(samples, train=train)
+    layer = grpo_layer(adapter, options, spread + alike)
+    loss = layer.compute_loss(model, {"samples": [first, second]})
+    loss.backward()
+    ours = grads(model)
+    assert encoded_rows == [4]  # the alike group never reached the model
+    assert layer._objective_metrics["frac_reward_zero_std"] == [0.5]
+    adapter.encode = encode
+    advantages, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4)
+    batch, _ = group_batch(adapter, first, spread)
+    per_token, mask = token_logps(model, batch, options.temperature)
+    expected, _ = grpo_loss(per_token, per_token.detach(), advantages, mask, options)
+    expected.backward()
+    assert abs(float(loss.detach()) - float(expected.detach())) < 1e-6
+    assert_same_grads(ours, grads(model))
+    nothing = grpo_layer(adapter, options, alike + alike).compute_loss(model, {"samples": [first, second]})
+    nothing.backward()
+    assert float(nothing) == 0.0 and all(torch.count_nonzero(g) == 0 for g in grads(model).values())
+
+
+def test_skipping_zero_spread_groups_with_a_kl_term_is_refused():
+    from pydantic import ValidationError
+
+    from vlmkit.train.objectives.options import GRPOOptions
+
+    with pytest.raises(ValidationError, match="set beta: 0 or skip_zero_spread_groups: false"):
+        GRPOOptions(beta=0.1, skip_zero_spread_groups=True)

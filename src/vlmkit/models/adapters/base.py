@@ -25,6 +25,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from vlmkit.data.sample import Sample
+from vlmkit.errors import SampleError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,17 @@ class ModelAdapter(ABC):
     tokenizer: PreTrainedTokenizerBase
     #: extra GenerationConfig fields (model.speed: static KV cache, compiled decoding).
     generation_settings: Mapping[str, Any] = MappingProxyType({})
+    #: `model.max_length`: the longest encoded sample (None: no bound).
+    max_length: int | None = None
+
+    def check_length(self, sample: Sample, length: int) -> None:
+        """The one length rule of every adapter: a longer sample is refused, never truncated."""
+        if self.max_length is not None and length > self.max_length:
+            raise SampleError(
+                sample.id,
+                f"{length} tokens exceed max_length {self.max_length}; raise model.max_length "
+                "(truncating would drop answer tokens)",
+            )
 
     @classmethod
     @abstractmethod

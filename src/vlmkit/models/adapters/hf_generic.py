@@ -288,12 +288,7 @@ class HFGenericAdapter(ModelAdapter):
         batch.pop("labels", None)
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         for sample, length in zip(samples, lengths, strict=True):
-            if self.max_length is not None and length > self.max_length:
-                raise SampleError(
-                    sample.id,
-                    f"{length} tokens exceed max_length {self.max_length}; raise model.max_length "
-                    "(truncating would drop answer tokens)",
-                )
+            self.check_length(sample, length)
         if train:
             batch["labels"] = self.labels(samples, texts, all_spans, batch, kwargs["add_special_tokens"])
         dtype = model_float_dtype(self.model)

@@ -81,12 +81,7 @@ class PaliGemmaAdapter(HFGenericAdapter):
             batch.pop("labels", None)
         for row, sample in enumerate(samples):
             length = int(batch["attention_mask"][row].sum())
-            if self.max_length is not None and length > self.max_length:
-                raise SampleError(
-                    sample.id,
-                    f"{length} tokens exceed max_length {self.max_length}; raise model.max_length "
-                    "(truncating would drop answer tokens)",
-                )
+            self.check_length(sample, length)
             if train:
                 ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
                 forbidden = {self.image_token_id, self.tokenizer.pad_token_id}

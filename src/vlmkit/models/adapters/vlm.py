@@ -252,23 +252,26 @@ class VLMAdapter(ModelAdapter):
             raise SampleError(sample.id, str(exc)) from None
         return self._expand_image(encoded.input_ids, encoded.labels, sample.id, sample.image is not None)
 
-    def encode_one(self, sample: Sample, train: bool) -> dict[str, Any]:
+    def encode_one(
+        self, sample: Sample, train: bool, pixels_seen: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, Any]:
+        """One row; `pixels_seen` (image key -> pixels) lets a batch's rows that show one image
+        (GRPO's groups, questions about one picture) process it once, cache or not."""
         if train and not any(m["role"] == "assistant" for m in sample.messages):
             raise SampleError(sample.id, "has no assistant turn to learn from")
         ids, labels = self.tokens(sample, train)
-        if self.max_length is not None and len(ids) > self.max_length:
-            raise SampleError(
-                sample.id,
-                f"{len(ids)} tokens exceed max_length {self.max_length}; raise data.max_length "
-                "(truncating would drop answer tokens)",
-            )
+        self.check_length(sample, len(ids))
         if sample.image is None:
             return {"input_ids": ids, "labels": labels, "pixel_values": None, "image_key": None}
+        key = image_key(sample.image) or f"object:{id(sample.image)}"  # ids are unique while the batch lives
+        seen = {} if pixels_seen is None else pixels_seen
+        if key not in seen:
+            seen[key] = self.pixel_values(sample)
         row = {
             "input_ids": ids,
             "labels": labels,
-            "pixel_values": self.pixel_values(sample),
-            "image_key": image_key(sample.image) or f"object:{id(sample.image)}",
+            "pixel_values": seen[key],
+            "image_key": key,
             "stable_key": image_key(sample.image),
         }
         if train and labels is not None and sample.meta.get(INDEPENDENT_TURNS):
@@ -283,7 +286,8 @@ class VLMAdapter(ModelAdapter):
         return row
 
     def encode(self, samples: Sequence[Sample], *, train: bool = True) -> Batch:
-        rows = [self.encode_one(sample, train) for sample in samples]
+        pixels_seen: dict[str, torch.Tensor] = {}
+        rows = [self.encode_one(sample, train, pixels_seen) for sample in samples]
         batch = collate_rows(rows, self.tokenizer.pad_token_id, left_pad=not train)
         if train and self.emit_image_keys and "pixel_values" in batch:
             # One key per pixel_values row (collate_rows keeps first-seen order), for the feature cache.

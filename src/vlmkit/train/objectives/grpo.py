@@ -131,8 +131,17 @@ class GRPOLoss(Trainer):
         rows = expand(samples, options.num_generations)
         rewards, per_function = score(answers, rows, options)
         advantages, group_std = group_advantages(rewards, options.num_generations, options.scale_rewards)
+        groups = group_std.view(-1, options.num_generations)[:, 0]
+        self._log_rewards(rewards, per_function, groups)
+        keep = list(range(len(rows)))
+        if options.skip_zero_spread_groups:
+            keep = [i for i in keep if group_std[i].abs() >= 1e-8]
+            if not keep:  # nothing to learn from this round: a zero loss on the graph
+                zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+                return (zero, {"answers": answers}) if return_outputs else zero
+            advantages = advantages[keep]
         encoded = self.adapter.encode(
-            [with_answer(s, a) for s, a in zip(rows, answers, strict=True)], train=True
+            [with_answer(rows[i], answers[i]) for i in keep], train=True
         )
         batch = {k: v.to(self.adapter.device) for k, v in encoded.items()}
         temperature = options.temperature  # the policy that sampled the answers
@@ -148,16 +157,21 @@ class GRPOLoss(Trainer):
             per_token, per_token.detach(), advantages.to(per_token.device), mask, options, reference
         )
         metrics = self._objective_metrics
-        for name, values in per_function.items():
-            metrics[f"rewards/{name}/mean"].append(float(values.mean()))
-        groups = group_std.view(-1, options.num_generations)[:, 0]
-        metrics["reward"].append(float(rewards.mean()))
-        metrics["reward_std"].append(float(groups.mean()))
-        metrics["frac_reward_zero_std"].append(float((groups.abs() < 1e-8).float().mean()))
         metrics["completions/mean_length"].append(float(mask.sum(-1).float().mean()))
         for name, value in stats.items():
             metrics[name].append(float(value))
         return (loss, {"answers": answers}) if return_outputs else loss
+
+    def _log_rewards(
+        self, rewards: torch.Tensor, per_function: dict[str, torch.Tensor], groups: torch.Tensor
+    ) -> None:
+        """Reward means, spread within groups, and the share of groups without spread (TRL's names)."""
+        metrics = self._objective_metrics
+        for name, values in per_function.items():
+            metrics[f"rewards/{name}/mean"].append(float(values.mean()))
+        metrics["reward"].append(float(rewards.mean()))
+        metrics["reward_std"].append(float(groups.mean()))
+        metrics["frac_reward_zero_std"].append(float((groups.abs() < 1e-8).float().mean()))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the means of the objective's metrics since the last log (TRL's names)."""

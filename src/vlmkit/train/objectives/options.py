@@ -88,6 +88,10 @@ class GRPOOptions(_Strict):
     reference: Reference = "auto"
     # Prompts per generate call (each expands to num_generations rows); None: all at once.
     generation_batch_size: int | None = Field(default=None, ge=1)
+    # DAPO's dynamic-sampling filter: a group whose rewards are all equal has zero advantage, so
+    # (with beta 0) no policy gradient; true drops such groups before the forward pass, and the
+    # step's loss is the mean over the groups that differ (all equal: a zero step).
+    skip_zero_spread_groups: bool = False
 
     @field_validator("num_generations")
     @classmethod
@@ -113,6 +117,11 @@ class GRPOOptions(_Strict):
 
     @model_validator(mode="after")
     def _reference(self) -> GRPOOptions:
+        if self.skip_zero_spread_groups and self.beta:
+            raise ValueError(
+                "grpo.skip_zero_spread_groups would drop groups whose KL term (beta > 0) still has a "
+                "gradient; set beta: 0 or skip_zero_spread_groups: false"
+            )
         if self.reference == "cached":
             raise ValueError(
                 "grpo.reference: cached cannot work: GRPO scores new answers every step; "
