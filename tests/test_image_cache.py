@@ -63,24 +63,18 @@ def vqa(paths: list[str]) -> list[Sample]:
 
 
 @pytest.mark.parametrize("size", [0, 8])
-def test_vlm_adapter_decodes_each_file_once_when_cached(tiny_vlm_dir, image_files, monkeypatch, size):
-    from vlmkit.models.adapters import load_adapter
-    from vlmkit.models.adapters import vlm as module
+@pytest.mark.parametrize("adapter_module", ["vlm", "hf_generic"])
+def test_adapters_decode_each_file_once_when_cached(
+    tiny_vlm_dir, family_dirs, image_files, monkeypatch, adapter_module, size
+):
+    """vlmkit's VLM (pixels cached) and the generic transformers adapter (decoded images cached)."""
+    import importlib
 
-    adapter = load_adapter(tiny_vlm_dir, image_cache_size=size)
-    calls = count_loads(monkeypatch, module)
-    first = adapter.encode(vqa(image_files))
-    second = adapter.encode(vqa(image_files))
-    assert torch.equal(first["pixel_values"], second["pixel_values"])
-    assert len(calls) == (2 if size else 4)
-
-
-@pytest.mark.parametrize("size", [0, 8])
-def test_generic_adapter_decodes_each_file_once_when_cached(family_dirs, image_files, monkeypatch, size):
-    from vlmkit.models.adapters import hf_generic as module
     from vlmkit.models.adapters import load_adapter
 
-    adapter = load_adapter(family_dirs("qwen2_vl"), image_cache_size=size)
+    module = importlib.import_module(f"vlmkit.models.adapters.{adapter_module}")
+    folder = tiny_vlm_dir if adapter_module == "vlm" else family_dirs("qwen2_vl")
+    adapter = load_adapter(folder, image_cache_size=size)
     calls = count_loads(monkeypatch, module)
     first = adapter.encode(vqa(image_files))
     second = adapter.encode(vqa(image_files))

@@ -23,4 +23,6 @@ def test_a_sample_over_max_length_is_refused_naming_model_max_length(family_dirs
     message = str(info.value)
     assert "long-one" in message and f"{length} tokens exceed max_length {length - 1}" in message
     assert "raise model.max_length" in message
-    assert load_adapter(folder, max_length=length).encode([sample])["input_ids"].shape == fits["input_ids"].shape
+    assert (
+        load_adapter(folder, max_length=length).encode([sample])["input_ids"].shape == fits["input_ids"].shape
+    )

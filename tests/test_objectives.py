@@ -380,7 +380,9 @@ def test_skipping_zero_spread_groups_keeps_the_loss_of_the_groups_that_differ(vl
     options = GRPOOptions(num_generations=4, max_new_tokens=3, skip_zero_spread_groups=True)
     encoded_rows: list[int] = []
     encode = adapter.encode
-    adapter.encode = lambda samples, train=True: encoded_rows.append(len(samples)) or encode(samples, train=train)
+    adapter.encode = lambda samples, train=True: (
+        encoded_rows.append(len(samples)) or encode(samples, train=train)
+    )
     layer = grpo_layer(adapter, options, spread + alike)
     loss = layer.compute_loss(model, {"samples": [first, second]})
     loss.backward()

@@ -256,6 +256,18 @@ def build_idefics3(out: Path, smolvlm: bool = False) -> Path:
     return save(out, model, processor, family)
 
 
+PIXTRAL_TOKENS = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
+PIXTRAL = {
+    "model_type": "pixtral",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "head_dim": 16,
+    "patch_size": 8,
+}
+
+
 def build_mistral3(out: Path) -> Path:
     """Mistral3 with a Pixtral tower: [IMG] x cols, [IMG_BREAK] after each row, [IMG_END] last."""
     from transformers import (
@@ -266,19 +278,10 @@ def build_mistral3(out: Path) -> Path:
     )
 
     torch.manual_seed(0)
-    tokenizer = llama_tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"], MISTRAL_TEMPLATE)
+    tokenizer = llama_tokenizer([*PIXTRAL_TOKENS.values(), "[INST]", "[/INST]"], MISTRAL_TEMPLATE)
     config = Mistral3Config(
         text_config=text_ids(tokenizer, "mistral"),
-        vision_config={
-            "model_type": "pixtral",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "head_dim": 16,
-            "image_size": 64,
-            "patch_size": 8,
-        },
+        vision_config={**PIXTRAL, "image_size": 64},
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=2,
         vision_feature_layer=-1,
@@ -292,9 +295,6 @@ def build_mistral3(out: Path) -> Path:
         chat_template=MISTRAL_TEMPLATE,
     )
     return save(out, Mistral3ForConditionalGeneration(config), processor, "mistral3")
-
-
-PIXTRAL_TOKENS = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
 
 
 def build_llava_pixtral(out: Path) -> Path:
@@ -313,16 +313,7 @@ def build_llava_pixtral(out: Path) -> Path:
     tokenizer = llama_tokenizer([*PIXTRAL_TOKENS.values(), "[INST]", "[/INST]"], MISTRAL_TEMPLATE)
     config = LlavaConfig(
         text_config=text_ids(tokenizer, "mistral"),
-        vision_config={
-            "model_type": "pixtral",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "head_dim": 16,
-            "image_size": 32,
-            "patch_size": 8,
-        },
+        vision_config={**PIXTRAL, "image_size": 32},
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
