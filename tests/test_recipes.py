@@ -5,6 +5,7 @@ of the same family (saved to a temp folder) and the data for a fixture written i
 layout. Everything else (LoRA, 4-bit, optimiser, precision, schedules) runs as written.
 """
 
+import json
 from importlib.resources import files
 
 import pytest
@@ -132,6 +133,10 @@ def test_seed003_qwen2vl_chartqa_lora(family_dirs, tmp_path):
     raw["model"]["adapter_options"] = {"min_pixels": 16 * 16, "max_pixels": 64 * 64}
     result = train(parse_config(raw))
     check_run(result, raw)
+    # TRL's cookbook trains at a constant rate: both logged steps at the recipe's 2e-4
+    history = json.loads((result.run_dir / "metrics.json").read_text())["history"]
+    rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+    assert rates == [2e-4, 2e-4]
 
 
 def test_seed004_paligemma_docvqa_lora(family_dirs, tmp_path):

@@ -140,9 +140,7 @@ class GRPOLoss(Trainer):
                 zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
                 return (zero, {"answers": answers}) if return_outputs else zero
             advantages = advantages[keep]
-        encoded = self.adapter.encode(
-            [with_answer(rows[i], answers[i]) for i in keep], train=True
-        )
+        encoded = self.adapter.encode([with_answer(rows[i], answers[i]) for i in keep], train=True)
         batch = {k: v.to(self.adapter.device) for k, v in encoded.items()}
         temperature = options.temperature  # the policy that sampled the answers
         per_token, mask = token_logps(model, batch, temperature)
