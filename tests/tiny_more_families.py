@@ -268,13 +268,26 @@ PIXTRAL = {
 }
 
 
+def pixtral_processor(tokenizer: Any, image_size: int, spatial_merge_size: int) -> Any:
+    """PixtralProcessor for the tiny Pixtral tower (its module imports torchvision)."""
+    from transformers import PixtralImageProcessorPil, PixtralProcessor
+
+    patch = PIXTRAL["patch_size"]
+    return PixtralProcessor(
+        image_processor=PixtralImageProcessorPil(size={"longest_edge": image_size}, patch_size=patch),
+        tokenizer=tokenizer,
+        patch_size=patch,
+        spatial_merge_size=spatial_merge_size,
+        chat_template=MISTRAL_TEMPLATE,
+        **PIXTRAL_TOKENS,
+    )
+
+
 def build_mistral3(out: Path) -> Path:
     """Mistral3 with a Pixtral tower: [IMG] x cols, [IMG_BREAK] after each row, [IMG_END] last."""
     from transformers import (
         Mistral3Config,
         Mistral3ForConditionalGeneration,
-        PixtralImageProcessorPil,
-        PixtralProcessor,
     )
 
     torch.manual_seed(0)
@@ -286,14 +299,7 @@ def build_mistral3(out: Path) -> Path:
         spatial_merge_size=2,
         vision_feature_layer=-1,
     )
-    image_processor = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=8)
-    processor = PixtralProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=8,
-        spatial_merge_size=2,
-        chat_template=MISTRAL_TEMPLATE,
-    )
+    processor = pixtral_processor(tokenizer, image_size=64, spatial_merge_size=2)
     return save(out, Mistral3ForConditionalGeneration(config), processor, "mistral3")
 
 
@@ -320,25 +326,18 @@ def build_llava_pixtral(out: Path) -> Path:
     )
     model = LlavaForConditionalGeneration(config)
     if importlib.util.find_spec("torchvision") is not None:
-        from transformers import PixtralImageProcessorPil, PixtralProcessor
-
-        image_processor = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=8)
-        processor = PixtralProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=8,
-            spatial_merge_size=1,
-            chat_template=MISTRAL_TEMPLATE,
-            **PIXTRAL_TOKENS,
-        )
-        return save(out, model, processor, "llava")
+        return save(out, model, pixtral_processor(tokenizer, image_size=32, spatial_merge_size=1), "llava")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "chat_template.jinja").write_text(MISTRAL_TEMPLATE)
-    image_settings = {"image_processor_type": "PixtralImageProcessor", "patch_size": 8}
-    image_settings["size"] = {"longest_edge": 32}
+    patch = PIXTRAL["patch_size"]
+    image_settings = {
+        "image_processor_type": "PixtralImageProcessor",
+        "patch_size": patch,
+        "size": {"longest_edge": 32},
+    }
     (out / "preprocessor_config.json").write_text(json.dumps(image_settings))
-    settings = {"processor_class": "PixtralProcessor", "patch_size": 8, "spatial_merge_size": 1}
+    settings = {"processor_class": "PixtralProcessor", "patch_size": patch, "spatial_merge_size": 1}
     (out / "processor_config.json").write_text(json.dumps({**settings, **PIXTRAL_TOKENS}))
     return out
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PREFIX = "vision_tower."
-
 
 def dinov2_vit_problem(tower: nn.Module) -> str | None:
     """Why this DINOv2 tower has no exact ViT form (one clause), or None."""

@@ -8,8 +8,9 @@ a `linear` projector is too, as `linear_1` with an identity activation and an id
 The last hidden state of DINOv2 / ViT / SigLIP passes the tower's final layer norm, which LLaVA's
 `hidden_states[-1]` does not; the vision config's `tie_last_hidden_states: true` makes
 transformers hand LLaVA that normed state. DINOv2's encoder cannot tie it, so a DINOv2 tower
-whose last layer feeds the projector is written as the equivalent ViT (`dinov2_as_vit`). Everything else (feature-map towers such as ResNet,
-the resampler, CLS-only features) has no LLaVA form: `llava_incompatibility` says why.
+whose last layer feeds the projector is written as the equivalent ViT (`dinov2_as_vit`).
+Everything else (feature-map towers such as ResNet, the resampler, CLS-only features) has no
+LLaVA form: `llava_incompatibility` says why.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,7 @@ class HFGenericAdapter(ModelAdapter):
         images = []
         for item in sample.images:
             try:
-                images.append(self._images.get_or_make(item, lambda item=item: load_image(item)))
+                images.append(self._images.get_or_make(item, partial(load_image, item)))
             except Exception as exc:
                 raise SampleError(sample.id, str(exc)) from None
         if len(images) > 1 and not self.family.multi_image:

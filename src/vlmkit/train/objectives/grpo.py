@@ -29,6 +29,9 @@ from vlmkit.train.trainer import VlmkitTrainer
 
 logger = logging.getLogger(__name__)
 
+#: A group whose reward spread is below this has no advantage to learn from.
+NO_SPREAD = 1e-8
+
 
 def grpo_loss(
     per_token_logps: torch.Tensor,
@@ -135,7 +138,7 @@ class GRPOLoss(Trainer):
         self._log_rewards(rewards, per_function, groups)
         keep = list(range(len(rows)))
         if options.skip_zero_spread_groups:
-            keep = [i for i in keep if group_std[i].abs() >= 1e-8]
+            keep = [i for i in keep if group_std[i].abs() >= NO_SPREAD]
             if not keep:  # nothing to learn from this round: a zero loss on the graph
                 zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
                 return (zero, {"answers": answers}) if return_outputs else zero
@@ -169,7 +172,7 @@ class GRPOLoss(Trainer):
             metrics[f"rewards/{name}/mean"].append(float(values.mean()))
         metrics["reward"].append(float(rewards.mean()))
         metrics["reward_std"].append(float(groups.mean()))
-        metrics["frac_reward_zero_std"].append(float((groups.abs() < 1e-8).float().mean()))
+        metrics["frac_reward_zero_std"].append(float((groups.abs() < NO_SPREAD).float().mean()))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the means of the objective's metrics since the last log (TRL's names)."""
