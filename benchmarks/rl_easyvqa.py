@@ -32,8 +32,9 @@ from easyvqa_demo import git_commit  # benchmarks/ is on the path when run as a 
 
 RESULTS = Path(__file__).parent / "results"
 BIN = Path(sys.executable).parent
-# The demo recipe cut short: `what` 4 epochs (of 6) and `vqa` 1 epoch (of 3.5).
-BASE_SET = ["stages.what.training.num_train_epochs=4", "stages.vqa.training.num_train_epochs=1"]
+# The demo recipe cut short: `what` 4 epochs (of 6) and `vqa` 1.5 epochs (of 3.5). (`vqa` 1 epoch
+# gave 91.04% on one machine and 86.79%, below the goal's 90-95% range, on another; 1.5 gave 91.39%.)
+BASE_SET = ["stages.what.training.num_train_epochs=4", "stages.vqa.training.num_train_epochs=1.5"]
 TRAINING_BUDGET_S = 600
 GOAL_RELATIVE_ERROR_CUT = 0.30
 
@@ -73,9 +74,11 @@ def train_seconds(run_dir: Path) -> float:
 
 
 def compare(base: Path, tuned: Path, out: Path, log: Path) -> dict[str, Any]:
-    step = run(
-        [str(BIN / "vlmkit"), "compare", str(base / "eval"), str(tuned / "eval"), "--out", str(out)], log
-    )
+    return compare_folders(base / "eval", tuned / "eval", out, log)
+
+
+def compare_folders(a: Path, b: Path, out: Path, log: Path) -> dict[str, Any]:
+    step = run([str(BIN / "vlmkit"), "compare", str(a), str(b), "--out", str(out)], log)
     result = json.loads((out / "comparison.json").read_text())
     return {
         "step": step,
@@ -117,9 +120,12 @@ def main() -> None:
     )
     parser.add_argument("--dpo-set", action="append", default=[], help="override of configs/easyvqa_dpo.yaml")
     parser.add_argument("--reuse-base", action="store_true", help="keep WORK/base if it is finished")
-    parser.add_argument("--only", choices=["grpo", "dpo"], default=None)
+    parser.add_argument("--only", choices=["grpo", "dpo", "sft"], default=None)
     parser.add_argument("--reuse-pairs", action="store_true", help="keep WORK/mistakes.jsonl if it exists")
-    parser.add_argument("--pair-samples", type=int, default=4, help="sampled answers per question for pairs")
+    parser.add_argument(
+        "--pair-beams", type=int, default=4, help="rank this many answers for pairs (0: sample instead)"
+    )
+    parser.add_argument("--pair-samples", type=int, default=4, help="with --pair-beams 0: sampled answers")
     parser.add_argument("--pair-temperature", type=float, default=2.0)
     args = parser.parse_args()
     work = args.work.resolve()
@@ -168,7 +174,10 @@ def main() -> None:
         dpo_steps: dict[str, Any] = {}
         if not (args.reuse_pairs and pairs.is_file()):
             pair_cmd += ["--split", "train", "--max-new-tokens", "3", "--batch-size", "256"]
-            pair_cmd += ["--samples", str(args.pair_samples), "--temperature", str(args.pair_temperature)]
+            if args.pair_beams:
+                pair_cmd += ["--beams", str(args.pair_beams)]
+            else:
+                pair_cmd += ["--samples", str(args.pair_samples), "--temperature", str(args.pair_temperature)]
             dpo_steps["pairs"] = run(pair_cmd, work / "pairs.log")
         dpo_steps["pair_count"] = sum(1 for _ in pairs.open())
         cmd = [vlmkit, "train", "easyvqa_dpo.yaml", "--no-resume", "--set", f"output_dir={dpo}"]
@@ -180,6 +189,25 @@ def main() -> None:
         record["objectives"]["dpo"] = objective_record("dpo", base_score, dpo, dpo_steps, comparison)
         record["objectives"]["dpo"]["overrides"] = args.dpo_set
 
+    if args.only in (None, "sft"):
+        # The control: the DPO recipe's rows, learning rate, steps and frozen tower with the
+        # supervised loss on the reference answers alone; what DPO adds is the difference.
+        sft = work / "sft"
+        config = sft_control_config(work / "sft_control.yaml")
+        cmd = [vlmkit, "train", str(config), "--no-resume", "--set", f"output_dir={sft}"]
+        cmd += ["--set", f"model.pretrained={base / 'model'}"]
+        for item in args.dpo_set:
+            if not item.startswith(("dpo.", "data.")):
+                cmd += ["--set", item]
+        sft_steps = {"train": run(cmd, work / "sft.log")}
+        comparison = compare(base, sft, work / "compare-sft", work / "compare-sft.log")
+        record["control"] = objective_record("sft", base_score, sft, sft_steps, comparison)
+        if "dpo" in record["objectives"]:
+            dpo_eval, sft_eval = dpo / "eval", sft / "eval"
+            record["control"]["dpo_vs_control"] = compare_folders(
+                sft_eval, dpo_eval, work / "compare-dpo-sft", work / "compare-dpo-sft.log"
+            )
+
     record["met_goal"] = bool(record["objectives"]) and all(
         o["met_goal"] for o in record["objectives"].values()
     )
@@ -190,6 +218,21 @@ def main() -> None:
         for k, o in record["objectives"].items()
     }
     print(json.dumps({"base": base_score, **brief}))
+
+
+def sft_control_config(path: Path) -> Path:
+    """The shipped DPO recipe as plain SFT on the train split (same rows per step, same steps)."""
+    from importlib import resources
+
+    import yaml
+
+    raw = yaml.safe_load((resources.files("vlmkit") / "configs" / "easyvqa_dpo.yaml").read_text())
+    raw.pop("objective")
+    raw.pop("dpo")
+    raw["name"] = "easyvqa_sft_control"
+    raw["data"]["train"] = {"source": "easyvqa", "split": "train"}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
 def machine() -> dict[str, Any]:

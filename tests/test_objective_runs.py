@@ -274,3 +274,58 @@ def test_sampled_mistake_pairs_take_the_most_frequent_wrong_answer(
     wrong = [a for a in (right, right, "teal", right) if a != second.answers[0]]
     assert by_id[second.id]["rejected"] == max(wrong, key=wrong.count)
     assert all(r["rejected"] not in r["answers"] for r in records)
+
+
+def test_ranked_mistake_pairs_reject_the_highest_ranked_wrong_answer(
+    tiny_vlm_dir, easyvqa_samples, monkeypatch
+):
+    """With `num_beams`, the rejected answer is the first wrong one in the model's ranking (not the
+    most frequent), and a question the model answers right still gets its strongest rival."""
+    from vlmkit.models.adapters import load_adapter
+    from vlmkit.train.objectives.pairs import mistake_pairs
+
+    adapter = load_adapter(tiny_vlm_dir)
+    samples = easyvqa_samples[:2]
+    right = samples[0].answers[0]
+    second_right = samples[1].answers[0]
+    calls = []
+
+    def scripted(batch, **kwargs):
+        calls.append(kwargs)
+        first_ranked = [right, "teal", "purple", "purple"]  # right, then its strongest rival
+        return [*first_ranked, "teal", second_right, "purple", "purple"]
+
+    monkeypatch.setattr(adapter, "generate", scripted)
+    records = mistake_pairs(adapter, samples, max_new_tokens=3, num_beams=4)
+    assert len(calls) == 1
+    options = calls[0]["generation_options"]
+    assert options["num_beams"] == 4 and options["num_return_sequences"] == 4
+    assert options["length_penalty"] == 0.0  # ranked by summed log-probability
+    assert [r["rejected"] for r in records] == ["teal", "teal"]
+    with pytest.raises(ValueError, match="not both"):
+        mistake_pairs(adapter, samples, num_beams=4, num_samples=2)
+
+
+def test_ranked_answers_of_a_real_model_come_sample_by_sample(tiny_vlm_dir, easyvqa_samples):
+    """Beam search through the adapter returns k answers per sample, in sample order: a batch of
+    three gives what each sample gives alone."""
+    from vlmkit.models.adapters import load_adapter
+    from vlmkit.train.objectives.pairs import ranked_answers
+
+    adapter = load_adapter(tiny_vlm_dir)
+    samples = easyvqa_samples[:3]
+    together = ranked_answers(adapter, samples, 3, max_new_tokens=2)
+    assert [len(options) for options in together] == [3, 3, 3]
+    alone = [ranked_answers(adapter, [sample], 3, max_new_tokens=2)[0] for sample in samples]
+    assert together == alone
+    assert len({tuple(options) for options in together}) > 1 or len(set(together[0])) > 1
+
+
+def test_pairs_cli_refuses_beams_with_samples(tiny_vlm_dir, tmp_path, capsys):
+    from vlmkit.train.objectives.pairs import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tiny_vlm_dir), str(tmp_path / "p.jsonl"), "--beams", "4", "--samples", "2"])
+    assert exit_info.value.code == 2
+    assert "choose one" in capsys.readouterr().err
+    assert not (tmp_path / "p.jsonl").exists()

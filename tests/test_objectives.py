@@ -409,3 +409,55 @@ def test_skipping_zero_spread_groups_with_a_kl_term_is_refused():
 
     with pytest.raises(ValidationError, match="set beta: 0 or skip_zero_spread_groups: false"):
         GRPOOptions(beta=0.1, skip_zero_spread_groups=True)
+
+
+def test_guiding_puts_the_reference_into_groups_no_answer_of_which_scores_as_well(easyvqa_samples):
+    """Off-policy guidance: only a group whose best answer scores below the reference gets it, in
+    place of its last answer; a group with a right answer is left as sampled."""
+    from vlmkit.data.sample import Sample
+    from vlmkit.train.objectives.options import GRPOOptions
+    from vlmkit.train.objectives.rewards import guided_answers
+
+    first, second = easyvqa_samples[1], easyvqa_samples[2]
+    options = GRPOOptions(num_generations=3, guide_with_reference=True)
+    answers = ["zz", "zz", "zz", "zz", second.answers[0], "zz"]
+    guided, count = guided_answers(answers, [first, second], options)
+    assert count == 1
+    assert guided == ["zz", "zz", first.answers[0], "zz", second.answers[0], "zz"]
+    # partial credit (VQAv2 accuracy): 1 of 10 annotators is 0.3, the majority answer 1.0
+    voted = Sample(id="v", image=None, messages=first.messages, answers=["two"] * 9 + ["three"])
+    options = GRPOOptions(num_generations=2, rewards={"vqa_accuracy": 1.0})
+    assert guided_answers(["three", "four"], [voted], options) == (["three", "two"], 1)
+
+
+def test_a_guided_group_of_wrong_answers_moves_the_policy(vlm_adapter, easyvqa_samples):
+    """All answers wrong: without guidance no gradient (and the group is dropped); with it the
+    reference answer is the group's one right answer, so the policy moves towards it."""
+    from vlmkit.train.objectives.options import GRPOOptions
+
+    adapter = copy.deepcopy(vlm_adapter)
+    model = adapter.model
+    model.train()
+    sample = easyvqa_samples[1]
+    wrong = ["zz"] * 4
+    plain = GRPOOptions(num_generations=4, max_new_tokens=3, skip_zero_spread_groups=True)
+    grpo_layer(adapter, plain, wrong).compute_loss(model, {"samples": [sample]}).backward()
+    assert all(torch.count_nonzero(g) == 0 for g in grads(model).values())
+    guided = plain.model_copy(update={"guide_with_reference": True})
+    layer = grpo_layer(adapter, guided, wrong)
+    layer.compute_loss(model, {"samples": [sample]}).backward()
+    assert any(torch.count_nonzero(g) for g in grads(model).values())
+    assert layer._objective_metrics["frac_guided"] == [1.0]
+    assert layer._objective_metrics["frac_reward_zero_std"] == [0.0]
+
+
+def test_answer_log_probabilities_raise_no_deprecation_warning(vlm_adapter, easyvqa_samples):
+    """The objectives read logits through the VLM's forward without labels; passing the LM an
+    unused `past_key_values` made transformers 5.24+ warn on every DPO and GRPO step."""
+    import warnings
+
+    batch = vlm_adapter.encode(easyvqa_samples[:2], train=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        per_token, mask = token_logps(vlm_adapter.model, batch)
+    assert per_token.shape == mask.shape and bool(mask.any())

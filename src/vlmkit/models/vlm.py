@@ -223,11 +223,12 @@ class VisionLanguageModel(PreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = self._custom_mask(attention_mask, inputs_embeds.dtype)
         if labels is None:
+            if past_key_values is not None:  # only when given: transformers 5.24+ renames it `cache`
+                kwargs["past_key_values"] = past_key_values
             return self.language_model(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 **kwargs,
             )

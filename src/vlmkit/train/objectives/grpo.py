@@ -24,7 +24,7 @@ from vlmkit.data.sources.preference import with_answer
 from vlmkit.models.adapters.base import ModelAdapter
 from vlmkit.train.objectives.common import adapter_disabled, token_logps
 from vlmkit.train.objectives.options import GRPOOptions
-from vlmkit.train.objectives.rewards import group_advantages, score
+from vlmkit.train.objectives.rewards import group_advantages, guided_answers, score
 from vlmkit.train.trainer import VlmkitTrainer
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,9 @@ class GRPOLoss(Trainer):
         options = self.grpo
         samples: list[Sample] = inputs["samples"]
         answers = self.sample_answers(model, samples)
+        if options.guide_with_reference:
+            answers, guided = guided_answers(answers, samples, options)
+            self._objective_metrics["frac_guided"].append(guided / len(samples))
         rows = expand(samples, options.num_generations)
         rewards, per_function = score(answers, rows, options)
         advantages, group_std = group_advantages(rewards, options.num_generations, options.scale_rewards)

@@ -92,6 +92,10 @@ class GRPOOptions(_Strict):
     # (with beta 0) no policy gradient; true drops such groups before the forward pass, and the
     # step's loss is the mean over the groups that differ (all equal: a zero step).
     skip_zero_spread_groups: bool = False
+    # Off-policy guidance (as LUFFY): a group none of whose answers scores as well as the sample's
+    # first reference answer gets that answer in place of its last one, so a confident mistake the
+    # policy never samples its way out of still has an answer to learn from.
+    guide_with_reference: bool = False
 
     @field_validator("num_generations")
     @classmethod

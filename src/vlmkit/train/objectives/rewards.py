@@ -46,6 +46,25 @@ def score(
     return total, per_function
 
 
+def guided_answers(
+    answers: Sequence[str], samples: Sequence[Sample], options: GRPOOptions
+) -> tuple[list[str], int]:
+    """(answers with the reference in place of the last answer of every group that no answer of
+    scores as well as the reference does, how many groups were guided). Groups are contiguous."""
+    group = options.num_generations
+    rows = [sample for sample in samples for _ in range(group)]
+    sampled, _ = score(answers, rows, options)
+    references = [sample.answers[0] for sample in samples]
+    best, _ = score(references, samples, options)
+    guided = list(answers)
+    count = 0
+    for g in range(len(samples)):
+        if float(sampled[g * group : (g + 1) * group].max()) < float(best[g]):
+            guided[(g + 1) * group - 1] = references[g]
+            count += 1
+    return guided, count
+
+
 def group_advantages(
     rewards: torch.Tensor, num_generations: int, scale: str = "group"
 ) -> tuple[torch.Tensor, torch.Tensor]:
