@@ -49,8 +49,8 @@ def score(
 def guided_answers(
     answers: Sequence[str], samples: Sequence[Sample], options: GRPOOptions
 ) -> tuple[list[str], int]:
-    """(answers with the reference in place of the last answer of every group that no answer of
-    scores as well as the reference does, how many groups were guided). Groups are contiguous."""
+    """(the answers, with the reference in place of the last answer of each group in which no
+    answer scores as well as the reference; how many groups that was). Groups are contiguous."""
     group = options.num_generations
     rows = [sample for sample in samples for _ in range(group)]
     sampled, _ = score(answers, rows, options)
