@@ -209,6 +209,29 @@ def test_chat_and_serve_answer_as_generate_does(family_dirs, family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_grpo_samples_each_group_from_its_own_prompt(family_dirs, family):
+    """GRPO encodes each prompt once and lets `generate` expand it (`num_return_sequences`): at a
+    temperature near 0 the sampled group is the prompt's greedy answer, group by group, in every
+    family (its pixel rows travel with their prompt), whether prompts are sampled together or not."""
+    from collections import defaultdict
+
+    from vlmkit.train.objectives.grpo import GRPOLoss
+    from vlmkit.train.objectives.options import GRPOOptions
+
+    adapter = load_adapter(family_dirs(family))
+    greedy = adapter.generate(samples(), max_new_tokens=4)
+    for per_call in (None, 1):
+        layer = object.__new__(GRPOLoss)
+        layer.adapter, layer._objective_metrics = adapter, defaultdict(list)
+        layer.grpo = GRPOOptions(
+            num_generations=3, temperature=1e-6, max_new_tokens=4, generation_batch_size=per_call
+        )
+        sampled = layer.sample_answers(adapter.model, samples())
+        assert sampled == [answer for answer in greedy for _ in range(3)]
+        assert adapter.model.training  # back in train mode for the loss
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_qlora_puts_each_family_in_4bit_and_trains_only_lora(family_dirs, family):
     """`quantization` (QLoRA) on every family: its linear layers load as bitsandbytes 4-bit,
     the loss is finite, LoRA gets gradients and nothing else does (bitsandbytes' CPU backend)."""

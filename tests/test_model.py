@@ -87,6 +87,31 @@ def test_batched_generation_matches_one_at_a_time(tiny_vlm_dir, easyvqa_samples)
     assert together == alone
 
 
+def test_sampled_groups_share_one_prefill_and_draw_what_repeated_prompts_draw(
+    tiny_vlm_dir, easyvqa_samples, monkeypatch
+):
+    """k sampled answers per prompt (GRPO's groups) prefill each prompt once and share its cache;
+    with the same seed they are the answers of the prompt repeated k times, through left padding."""
+    adapter = load_adapter(tiny_vlm_dir)
+    prompts = easyvqa_samples[:6]
+    lengths = {int(adapter.encode([p], train=False)["attention_mask"].sum()) for p in prompts}
+    assert len(lengths) > 1  # prompts of several lengths: the batch is left-padded
+    shared = []
+    original = type(adapter.model)._shared_prompt_cache
+
+    def spy(self, *args, **kwargs):
+        shared.append(args[0].shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(adapter.model), "_shared_prompt_cache", spy)
+    options = {"num_return_sequences": 4}
+    grouped = adapter.generate(prompts, max_new_tokens=4, do_sample=True, seed=5, generation_options=options)
+    assert shared == [len(prompts)]  # one prefill row per prompt, not per answer
+    repeated = [p for p in prompts for _ in range(4)]
+    assert grouped == adapter.generate(repeated, max_new_tokens=4, do_sample=True, seed=5)
+    assert len(set(grouped)) > len(prompts)  # the answers within groups differ: sampling happened
+
+
 def test_auto_classes_know_the_model(tiny_vlm_dir):
     import transformers
 

@@ -9,7 +9,9 @@ prompt or padding positions (Gemma's vocabulary is 256k).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import inspect
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -280,10 +282,70 @@ class VisionLanguageModel(PreTrainedModel):
         image_index: torch.LongTensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.LongTensor:
-        """The LM's own `generate` on merged embeddings; returns only the new tokens."""
+        """The LM's own `generate` on merged embeddings; returns only the new tokens.
+
+        Sampling k answers per prompt (`num_return_sequences` k, GRPO's groups) runs each prompt
+        through the LM once and lets its k rows share that KV cache, instead of k identical
+        prefills; the answers are drawn from the same distribution either way.
+        """
         inputs_embeds = self.embed(input_ids, pixel_values, image_index)
+        config = generate_kwargs.get("generation_config")
+        copies = getattr(config, "num_return_sequences", 1) or 1
+        if copies > 1 and attention_mask is not None and self._can_share_prompts(config, generate_kwargs):
+            inputs_embeds, attention_mask, generate_kwargs = self._shared_prompt_cache(
+                inputs_embeds, attention_mask, copies, generate_kwargs
+            )
         return self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+        )
+
+    def _cache_argument(self) -> str:
+        """The LM's name for its KV cache (`cache` from transformers 5.24, `past_key_values` before)."""
+        parameters = inspect.signature(self.language_model.forward).parameters
+        return "cache" if "cache" in parameters else "past_key_values"
+
+    def _can_share_prompts(self, config: Any, generate_kwargs: dict[str, Any]) -> bool:
+        """Only plain sampling with the default dynamic cache: beams rank rows against each other, a
+        caller's own cache or a static / sliding cache needs what `generate` builds itself."""
+        return (
+            bool(config.do_sample)
+            and (config.num_beams or 1) == 1
+            and config.cache_implementation in (None, "dynamic")
+            and not any(key in generate_kwargs for key in ("cache", "past_key_values"))
+        )
+
+    def _shared_prompt_cache(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        copies: int,
+        generate_kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Prefill each prompt but its last token once, repeat the cache `copies` times per row, and
+        hand `generate` the expanded prompt with that cache (it runs only the uncached last token),
+        as transformers' own prompt-reuse recipe does. Positions follow `generate`'s rule for a
+        left-padded batch (cumulative sum of the mask)."""
+        from transformers import DynamicCache
+
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        cache = DynamicCache(config=self.language_model.config)
+        name = self._cache_argument()
+        self.language_model(
+            inputs_embeds=inputs_embeds[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=positions[:, :-1],
+            use_cache=True,
+            logits_to_keep=1,
+            **{name: cache},
+        )
+        cache.batch_repeat_interleave(copies)
+        config = copy.deepcopy(generate_kwargs["generation_config"])
+        config.num_return_sequences = 1
+        kwargs = {**generate_kwargs, "generation_config": config, name: cache}
+        return (
+            inputs_embeds.repeat_interleave(copies, dim=0),
+            attention_mask.repeat_interleave(copies, dim=0),
+            kwargs,
         )
 
     # -- freezing -----------------------------------------------------------------------------

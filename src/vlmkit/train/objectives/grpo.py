@@ -103,22 +103,31 @@ class GRPOLoss(Trainer):
         self._objective_metrics: dict[str, list[float]] = defaultdict(list)
 
     def sample_answers(self, model: nn.Module, samples: list[Sample]) -> list[str]:
-        """`num_generations` sampled answers per prompt, in the model's eval mode, then back to train."""
+        """`num_generations` sampled answers per prompt, in the model's eval mode, then back to train.
+
+        Each prompt is encoded (and its image seen by the tower) once; `generate` expands it to
+        `num_generations` rows (`num_return_sequences`), laid out as `expand` lays out the groups.
+        """
         options = self.grpo
-        rows = expand(samples, options.num_generations)
-        step = (options.generation_batch_size or len(samples)) * options.num_generations
+        step = options.generation_batch_size or len(samples)
         answers: list[str] = []
         try:
-            for start in range(0, len(rows), step):
+            for start in range(0, len(samples), step):
                 answers += self.adapter.generate(
-                    rows[start : start + step],
+                    samples[start : start + step],
                     max_new_tokens=options.max_new_tokens,
                     do_sample=True,
                     temperature=options.temperature,
                     top_p=options.top_p,
+                    generation_options={"num_return_sequences": options.num_generations},
                 )
         finally:
             model.train()
+        if len(answers) != len(samples) * options.num_generations:
+            raise RuntimeError(
+                f"grpo: generate returned {len(answers)} answers for {len(samples)} prompts x "
+                f"{options.num_generations} generations; the adapter must honour num_return_sequences"
+            )
         return answers
 
     def compute_loss(
