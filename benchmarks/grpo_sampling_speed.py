@@ -34,7 +34,7 @@ def without_shared_prefill(model: Any) -> Iterator[None]:
     """transformers' expansion only: the VLM's shared-prefill path switched off for the block."""
     cls = type(model)
     original = cls._can_share_prompts
-    cls._can_share_prompts = lambda self, config, kwargs: False
+    cls._can_share_prompts = lambda self, kwargs: False
     try:
         yield
     finally:

@@ -289,11 +289,9 @@ class VisionLanguageModel(PreTrainedModel):
         prefills; the answers are drawn from the same distribution either way.
         """
         inputs_embeds = self.embed(input_ids, pixel_values, image_index)
-        config = generate_kwargs.get("generation_config")
-        copies = getattr(config, "num_return_sequences", 1) or 1
-        if copies > 1 and attention_mask is not None and self._can_share_prompts(config, generate_kwargs):
+        if attention_mask is not None and self._can_share_prompts(generate_kwargs):
             inputs_embeds, attention_mask, generate_kwargs = self._shared_prompt_cache(
-                inputs_embeds, attention_mask, copies, generate_kwargs
+                inputs_embeds, attention_mask, generate_kwargs
             )
         return self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
@@ -304,11 +302,15 @@ class VisionLanguageModel(PreTrainedModel):
         parameters = inspect.signature(self.language_model.forward).parameters
         return "cache" if "cache" in parameters else "past_key_values"
 
-    def _can_share_prompts(self, config: Any, generate_kwargs: dict[str, Any]) -> bool:
-        """Only plain sampling with the default dynamic cache: beams rank rows against each other, a
-        caller's own cache or a static / sliding cache needs what `generate` builds itself."""
+    def _can_share_prompts(self, generate_kwargs: dict[str, Any]) -> bool:
+        """Several sampled answers per prompt, plain sampling with the default dynamic cache only:
+        beams rank rows against each other, a caller's own cache or a static / sliding cache needs
+        what `generate` builds itself."""
+        config = generate_kwargs.get("generation_config")
         return (
-            bool(config.do_sample)
+            config is not None
+            and (config.num_return_sequences or 1) > 1
+            and bool(config.do_sample)
             and (config.num_beams or 1) == 1
             and config.cache_implementation in (None, "dynamic")
             and not any(key in generate_kwargs for key in ("cache", "past_key_values"))
@@ -318,13 +320,12 @@ class VisionLanguageModel(PreTrainedModel):
         self,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
-        copies: int,
         generate_kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Prefill each prompt but its last token once, repeat the cache `copies` times per row, and
-        hand `generate` the expanded prompt with that cache (it runs only the uncached last token),
-        as transformers' own prompt-reuse recipe does. Positions follow `generate`'s rule for a
-        left-padded batch (cumulative sum of the mask)."""
+        """Prefill each prompt but its last token once, repeat the cache `num_return_sequences`
+        times per row, and hand `generate` the expanded prompt with that cache (it runs only the
+        uncached last token), as transformers' own prompt-reuse recipe does. Positions follow
+        `generate`'s rule for a left-padded batch (cumulative sum of the mask)."""
         from transformers import DynamicCache
 
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
@@ -338,9 +339,9 @@ class VisionLanguageModel(PreTrainedModel):
             logits_to_keep=1,
             **{name: cache},
         )
-        cache.batch_repeat_interleave(copies)
         config = copy.deepcopy(generate_kwargs["generation_config"])
-        config.num_return_sequences = 1
+        copies, config.num_return_sequences = config.num_return_sequences, 1
+        cache.batch_repeat_interleave(copies)
         kwargs = {**generate_kwargs, "generation_config": config, name: cache}
         return (
             inputs_embeds.repeat_interleave(copies, dim=0),
